@@ -1,0 +1,266 @@
+"""The arm process: a Ray actor that trains one arm locally and streams its outputs.
+
+The launcher creates one `ArmActor` per arm (`ray.remote(ArmActor)`). It trains
+with no communication at all during its local phase, then pushes `features` and
+`logits` for each batch to the brain over a ZeroMQ PUSH socket (msgpack frames).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zmq
+
+from arms.augment import random_crop_flip, resize, to_tensor
+from arms.model import build_arm
+from common import wire
+from common.checkpoint import load_checkpoint, load_state, save_checkpoint
+from common.config import RunConfig
+from common.datasets import DATASET_INFO
+from common.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+LOG_INTERVAL_S = 30.0
+
+
+def select_device(requested: str) -> torch.device:
+    """cuda when asked for or available (`auto`), else cpu."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "--device cuda was requested but this process sees no CUDA device: "
+            "pass --gpus with a GPU count, or --device cpu"
+        )
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast when asked for, or (auto) on CUDA devices that support it.
+
+    On CPU, `auto` stays fp32: on the 2-core AMD EPYC this was developed on (no
+    avx512_bf16), bf16 autocast trained the 32-px arm 5x slower than fp32.
+    """
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def epoch_order(indices: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of `indices` for an epoch; identical in every process."""
+    return indices[np.random.default_rng([seed, epoch]).permutation(len(indices))]
+
+
+class ArmActor:
+    """One arm: local Forward-Forward training, output streaming and checkpoints."""
+
+    def __init__(
+        self,
+        config: dict,
+        arm_id: int,
+        data: dict[str, np.ndarray],
+        run_dir: str,
+        threads: int,
+        brain_endpoint: str,
+    ):
+        self.config = RunConfig.from_dict(config)
+        setup_logging(os.environ.get("OCTOPUSNET_LOG_LEVEL", "INFO"))
+        torch.set_num_threads(threads)
+        self.arm_id = arm_id
+        self.data = data
+        self.run_dir = Path(run_dir)
+        self.info = DATASET_INFO[self.config.dataset]
+        self.device = select_device(self.config.device)
+        self.autocast = autocast_dtype(self.config.precision, self.device)
+        torch.manual_seed(self.config.seed * 1000 + arm_id)
+        self.generator = torch.Generator().manual_seed(self.config.seed * 1000 + arm_id)
+
+        self.model = build_arm(self.config, arm_id, self.info).to(self.device)
+        steps = self.config.epochs * self._steps_per_epoch()
+        self.model.configure_optimizer(self.config.lr, self.config.weight_decay, steps)
+        self.epoch = 0
+
+        self.context = zmq.Context()
+        self.push = self.context.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.SNDHWM, 64)
+        self.push.setsockopt(zmq.SNDTIMEO, int(self.config.stream_timeout_s * 1000))
+        self.push.setsockopt(zmq.LINGER, 5000)
+        self.push.connect(brain_endpoint)
+        log.info(
+            "arm %d ready: %d px, %s blocks, %d parameters, %s, %d threads, pid %d",
+            arm_id,
+            self.model.resolution,
+            [b.conv.out_channels for b in self.model.blocks],
+            sum(p.numel() for p in self.model.parameters()),
+            self.device,
+            threads,
+            os.getpid(),
+        )
+
+    def _steps_per_epoch(self) -> int:
+        return len(self.data["train_idx"]) // self.config.batch_size
+
+    def _images(self, split: str, indices: np.ndarray, augment: bool) -> torch.Tensor:
+        source = self.data["x_test"] if split == "test" else self.data["x_train"]
+        x = to_tensor(source[indices])
+        if augment:
+            x = random_crop_flip(
+                x, pad=max(1, x.shape[-1] // 8), generator=self.generator
+            )
+        x = resize(x, self.model.resolution)
+        return x.to(self.device, non_blocking=True).contiguous(
+            memory_format=torch.channels_last
+        )
+
+    def process_id(self) -> int:
+        return os.getpid()
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one local epoch; return mean metrics and throughput."""
+        self.epoch = epoch
+        order = epoch_order(
+            self.data["train_idx"], self.config.seed + self.arm_id, epoch
+        )
+        batch_size = self.config.batch_size
+        steps = len(order) // batch_size  # the last partial batch is dropped
+        totals: dict[str, float] = {}
+        start = last_log = time.perf_counter()
+        for step in range(steps):
+            batch = np.sort(order[step * batch_size : (step + 1) * batch_size])
+            images = self._images("train", batch, augment=self.config.augment)
+            labels = torch.from_numpy(self.data["y_train"][batch]).to(self.device)
+            metrics = self.model.train_step(images, labels, self.autocast)
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value
+            now = time.perf_counter()
+            if now - last_log >= LOG_INTERVAL_S:
+                last_log = now
+                log.info(
+                    "arm %d epoch %d step %d/%d: ff_loss %.3f, goodness pos %.3f / neg "
+                    "%.3f, %.0f img/s",
+                    self.arm_id,
+                    epoch,
+                    step + 1,
+                    steps,
+                    metrics["ff_loss"],
+                    metrics["goodness_pos"],
+                    metrics["goodness_neg"],
+                    (step + 1) * batch_size / (now - start),
+                )
+        seconds = time.perf_counter() - start
+        result = {name: value / max(1, steps) for name, value in totals.items()}
+        result.update(
+            arm_id=self.arm_id,
+            epoch=epoch,
+            seconds=seconds,
+            images_per_s=steps * batch_size / seconds,
+            lr=self.model.optimizer.param_groups[0]["lr"],
+        )
+        log.info(
+            "arm %d epoch %d done: ff_loss %.3f, goodness pos %.3f / neg %.3f, local "
+            "accuracy %.3f, %.0f img/s, %.1f s",
+            self.arm_id,
+            epoch,
+            result.get("ff_loss", float("nan")),
+            result.get("goodness_pos", float("nan")),
+            result.get("goodness_neg", float("nan")),
+            result.get("accuracy", float("nan")),
+            result["images_per_s"],
+            seconds,
+        )
+        return result
+
+    def stream(self, split: str, stream_id: str) -> int:
+        """Push outputs for every batch of `split` to the brain; return the batch count."""
+        if split == "train":
+            indices = epoch_order(
+                self.data["train_idx"], self.config.seed, 10_000 + self.epoch
+            )
+        elif split == "val":
+            indices = self.data["val_idx"]
+        elif split == "test":
+            indices = self.data["test_idx"]
+        else:
+            raise ValueError(f"invalid split {split!r}: choose train, val or test")
+        batch_size = self.config.batch_size
+        batches = 0
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start : start + batch_size]
+            features, logits = self.model.infer(
+                self._images(split, batch, False), self.autocast
+            )
+            frame = wire.encode(
+                wire.ARM_OUTPUT,
+                arm_id=self.arm_id,
+                stream_id=stream_id,
+                batch_id=batches,
+                indices=batch.astype(np.int64),
+                features=features.cpu().numpy(),
+                logits=logits.cpu().numpy(),
+            )
+            self._send(frame, stream_id)
+            batches += 1
+        self._send(
+            wire.encode(
+                wire.END_OF_STREAM,
+                arm_id=self.arm_id,
+                stream_id=stream_id,
+                batches=batches,
+            ),
+            stream_id,
+        )
+        return batches
+
+    def _send(self, frame: bytes, stream_id: str) -> None:
+        try:
+            self.push.send(frame, copy=False)
+        except zmq.Again as err:
+            raise TimeoutError(
+                f"arm {self.arm_id} could not send {stream_id} to the brain within "
+                f"{self.config.stream_timeout_s:.0f} s: the brain is not receiving"
+            ) from err
+
+    def checkpoint_path(self, tag: str) -> Path:
+        return self.run_dir / "checkpoints" / f"arm-{self.arm_id}-{tag}.pt"
+
+    def save(self, tag: str) -> str:
+        path = self.checkpoint_path(tag)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.model.optimizer.state_dict(),
+            "scheduler": self.model.scheduler.state_dict(),
+        }
+        save_checkpoint(
+            path,
+            {
+                "kind": "arm",
+                "arm_id": self.arm_id,
+                "epoch": self.epoch,
+                "config": self.config.to_dict(),
+                "state": state,
+            },
+        )
+        return str(path)
+
+    def load(self, tag: str) -> int:
+        """Load a checkpoint of this arm; return the epoch it was saved at."""
+        path = self.checkpoint_path(tag)
+        payload = load_checkpoint(path, "arm", self.arm_id)
+        load_state(self.model, payload["state"]["model"], str(path))
+        self.model.optimizer.load_state_dict(payload["state"]["optimizer"])
+        self.model.scheduler.load_state_dict(payload["state"]["scheduler"])
+        self.epoch = int(payload["epoch"])
+        log.info("arm %d loaded %s (epoch %d)", self.arm_id, path, self.epoch)
+        return self.epoch
+
+    def close(self) -> None:
+        self.push.close(linger=0)
+        self.context.term()

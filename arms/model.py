@@ -1,0 +1,273 @@
+"""Arm models: stacks of conv blocks, each trained by its own local objective.
+
+Every block takes a detached input, so its loss reaches only its own weights. Two
+objectives exist:
+
+- `GroupedArm`: the channels of each block are split into one group per class;
+  per-class goodness is the group's mean activation, and the block minimises
+  cross-entropy over the scaled goodness. No overlay, no negatives.
+- `OverlayArm`: Hinton's Forward-Forward with a Fourier label overlay. Positive
+  input carries the true label's pattern, negative input a wrong label's; each
+  block pushes goodness (mean squared activation) above a threshold for positives
+  and below it for negatives.
+
+Both end in a bottleneck: the last block's detached output pooled to 2x2, a linear
+projection and a parameter-free LayerNorm, trained by a local linear classifier.
+These `features` and the arm's `logits` are what the brain receives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arms.goodness import class_goodness, ff_loss, goodness, grouped_loss, separation
+from common.overlay import apply_overlay, class_patterns, neutral_overlay, wrong_labels
+
+
+def default_depth(resolution: int) -> int:
+    """Blocks for an input side length: each block halves it, down to about 2 px."""
+    return max(1, min(4, int(math.log2(resolution)) - 1))
+
+
+def block_widths(width: int, depth: int, num_classes: int) -> list[int]:
+    """Channel widths doubling per block, rounded up to a multiple of the class count."""
+    return [math.ceil(width * 2**i / num_classes) * num_classes for i in range(depth)]
+
+
+class ConvBlock(nn.Module):
+    """3x3 conv, optional BatchNorm, ReLU, 2x2 max-pool (skipped below 2 px)."""
+
+    def __init__(self, in_channels: int, out_channels: int, batch_norm: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, 3, padding=1, bias=not batch_norm
+        )
+        self.norm = nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.norm(self.conv(x)))
+        return F.max_pool2d(h, 2) if h.shape[-1] >= 2 else h
+
+
+class LocalArm(nn.Module):
+    """Shared parts: normalisation of the input, bottleneck, local classifier, optimizer."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        resolution: int,
+        widths: list[int],
+        bottleneck: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        batch_norm: bool,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.resolution = resolution
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+        channels = [in_channels, *widths]
+        self.blocks = nn.ModuleList(
+            ConvBlock(c_in, c_out, batch_norm)
+            for c_in, c_out in zip(channels[:-1], channels[1:], strict=True)
+        )
+        self.projection = nn.Linear(widths[-1] * 4, bottleneck)
+        self.head = nn.Linear(bottleneck, num_classes)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def configure_optimizer(
+        self, lr: float, weight_decay: float, total_steps: int
+    ) -> None:
+        """AdamW with a cosine schedule over `total_steps` steps.
+
+        AdamW's state is per parameter, so one optimizer over all blocks updates each
+        block exactly as a separate optimizer per block would.
+        """
+        self.optimizer = torch.optim.AdamW(
+            self.parameters(), lr=lr, weight_decay=weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=max(1, total_steps)
+        )
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """Bottleneck features (B, D) from the last block's output."""
+        pooled = F.adaptive_avg_pool2d(h.detach().float(), 2).flatten(1)
+        return F.layer_norm(self.projection(pooled), (self.projection.out_features,))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    def block_losses(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, float]]:
+        """Return each block's loss, the last block's output and metrics."""
+        raise NotImplementedError
+
+    def train_step(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        autocast_dtype: torch.dtype | None,
+    ) -> dict[str, float]:
+        """One local update on images in [0, 1] at this arm's resolution."""
+        assert self.optimizer is not None, "call configure_optimizer first"
+        self.train()
+        device_type = images.device.type
+        with torch.autocast(
+            device_type,
+            dtype=autocast_dtype or torch.float32,
+            enabled=autocast_dtype is not None,
+        ):
+            losses, h_last, metrics = self.block_losses(images, labels)
+        head_logits = self.head(self.features(h_last))
+        head_loss = F.cross_entropy(head_logits.float(), labels)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        (sum(loss.float() for loss in losses) + head_loss).backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+        metrics["ff_loss"] = sum(loss.item() for loss in losses) / len(losses)
+        metrics["head_loss"] = head_loss.item()
+        return metrics
+
+    @torch.no_grad()
+    def infer(
+        self, images: torch.Tensor, autocast_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (features (B, D), logits (B, C)) for images in [0, 1]."""
+        self.eval()
+        device_type = images.device.type
+        with torch.autocast(
+            device_type,
+            dtype=autocast_dtype or torch.float32,
+            enabled=autocast_dtype is not None,
+        ):
+            h_last, logits = self.encode(images)
+        return self.features(h_last).float(), logits.float()
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the last block's output and the arm's own logits."""
+        raise NotImplementedError
+
+
+class GroupedArm(LocalArm):
+    """Class-grouped channels with a cross-entropy over per-class goodness per block."""
+
+    def __init__(self, *args, goodness_scale: float, **kwargs):
+        super().__init__(*args, batch_norm=True, **kwargs)
+        self.goodness_scale = goodness_scale
+
+    def block_losses(self, images, labels):
+        x = self.normalize(images)
+        losses = []
+        for block in self.blocks:
+            h = block(x.detach())
+            g = class_goodness(h.float(), self.num_classes)
+            losses.append(grouped_loss(g, labels, self.goodness_scale))
+            x = h
+        g_pos, g_neg = separation(g.detach(), labels)
+        accuracy = (g.argmax(1) == labels).float().mean().item()
+        return (
+            losses,
+            x,
+            {"goodness_pos": g_pos, "goodness_neg": g_neg, "accuracy": accuracy},
+        )
+
+    def encode(self, images):
+        x = self.normalize(images)
+        for block in self.blocks:
+            x = block(x)
+        logits = class_goodness(x.float(), self.num_classes) * self.goodness_scale
+        return x, logits
+
+
+class OverlayArm(LocalArm):
+    """Forward-Forward on label-overlaid images, positives against wrong-label negatives."""
+
+    def __init__(self, *args, threshold: float, label_strength: float, **kwargs):
+        super().__init__(*args, batch_norm=False, **kwargs)
+        self.threshold = threshold
+        self.label_strength = label_strength
+        patterns = class_patterns(self.num_classes, self.resolution)
+        self.register_buffer("patterns", patterns, persistent=False)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def _layer_input(self, h: torch.Tensor) -> torch.Tensor:
+        # Parameter-free LayerNorm over (C, H, W) hides the previous layer's goodness,
+        # so each layer has to find its own evidence for the label.
+        return F.layer_norm(h, h.shape[1:])
+
+    def block_losses(self, images, labels):
+        negatives = wrong_labels(labels.cpu(), self.num_classes, self.generator).to(
+            labels.device
+        )
+        x_pos = self.normalize(
+            apply_overlay(images, labels, self.patterns, self.label_strength)
+        )
+        x_neg = self.normalize(
+            apply_overlay(images, negatives, self.patterns, self.label_strength)
+        )
+        losses = []
+        for i, block in enumerate(self.blocks):
+            if i:
+                x_pos, x_neg = self._layer_input(x_pos), self._layer_input(x_neg)
+            h_pos = block(x_pos.detach())
+            h_neg = block(x_neg.detach())
+            g_pos, g_neg = goodness(h_pos.float()), goodness(h_neg.float())
+            losses.append(ff_loss(g_pos, g_neg, self.threshold))
+            x_pos, x_neg = h_pos, h_neg
+        h_last = self._neutral_encoding(images)
+        metrics = {
+            "goodness_pos": g_pos.mean().item(),
+            "goodness_neg": g_neg.mean().item(),
+            "accuracy": (g_pos > g_neg).float().mean().item(),
+        }
+        return losses, h_last, metrics
+
+    def _neutral_encoding(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.normalize(
+                neutral_overlay(images, self.patterns, self.label_strength)
+            )
+            for i, block in enumerate(self.blocks):
+                x = block(self._layer_input(x) if i else x)
+        return x
+
+    def encode(self, images):
+        h_last = self._neutral_encoding(images)
+        # NOTE: the overlay arm's own logits come from its local classifier on the
+        # neutral-overlay features; scoring goodness under every label would cost one
+        # pass per class.
+        return h_last, self.head(self.features(h_last))
+
+
+def build_arm(config, arm_id: int, info) -> LocalArm:
+    """Build arm `arm_id` of a run from its config and the dataset's `DatasetInfo`."""
+    resolution = config.arm_resolution(arm_id, info.image_size)
+    depth = config.depth or default_depth(resolution)
+    widths = block_widths(config.width, depth, info.num_classes)
+    common = dict(
+        in_channels=info.channels,
+        num_classes=info.num_classes,
+        resolution=resolution,
+        widths=widths,
+        bottleneck=config.bottleneck,
+        mean=info.mean,
+        std=info.std,
+    )
+    if config.arm_type == "grouped":
+        return GroupedArm(goodness_scale=config.goodness_scale, **common)
+    return OverlayArm(
+        threshold=config.threshold, label_strength=config.label_strength, **common
+    )

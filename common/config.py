@@ -1,0 +1,159 @@
+"""Run configuration: one frozen dataclass that checks every value on creation.
+
+The launcher builds it from the command line; actors receive it as a plain dict
+(`to_dict`) and rebuild it with `from_dict`, which rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
+ARM_TYPES = ("grouped", "overlay")
+COMPETITIONS = ("soft", "topk", "gumbel")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# Resolution of each arm, largest first. Arm i of N takes entry i % 4.
+MULTISCALE = {32: (32, 16, 8, 4), 28: (28, 14, 7, 4)}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names it and the allowed range."""
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"invalid {name} {value!r}: choose one of {', '.join(choices)}"
+        )
+
+
+def _check_range(
+    name: str, value: float, low: float, high: float | None = None
+) -> None:
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"invalid {name} {value!r}: it must be {bound}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; saved to `config.json` in the run directory."""
+
+    # Data.
+    dataset: str = "cifar10"
+    data_dir: str = "data"
+    val_size: int = 5000
+    train_limit: int = 0  # 0 uses the whole training split
+    test_limit: int = 0  # 0 uses the whole test split
+    download: bool = False
+
+    # Arms.
+    arms: int = 4
+    arm_type: str = "grouped"
+    multiscale: bool = True
+    width: int = 48  # channels of the first block; later blocks double it
+    depth: int = 0  # blocks per arm; 0 picks by resolution (4 at 32 px, fewer below)
+    bottleneck: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    goodness_scale: float = 15.0
+    threshold: float = 2.0
+    label_strength: float = 0.5
+    augment: bool = True
+
+    # Brain.
+    competition: str = "soft"
+    top_k: int = 2
+    gumbel_tau: float = 0.5
+    nerve_ring: bool = True
+    heads: int = 4
+    brain_lr: float = 1e-3
+    brain_passes: int = 3
+    dropout: float = 0.1
+
+    # Run.
+    epochs: int = 1
+    batch_size: int = 128
+    seed: int = 42
+    device: str = "auto"
+    precision: str = "auto"
+    gpus: float = 0.0
+    cpus: float = 0.0  # 0 uses every CPU Ray reports
+    output_dir: str = "runs"
+    run_name: str = ""
+    address: str = ""  # empty starts a local Ray cluster on 127.0.0.1
+    brain_host: str = "127.0.0.1"
+    brain_port: int = 0  # 0 lets the OS pick a free port
+    dashboard_port: int = 8265
+    stream_timeout_s: float = 600.0
+    git_revision: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("arm type", self.arm_type, ARM_TYPES)
+        _check_choice("competition", self.competition, COMPETITIONS)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_range("number of arms (--arms)", self.arms, 1, 64)
+        _check_range("epochs", self.epochs, 1)
+        _check_range("batch size", self.batch_size, 2, 65536)
+        _check_range("bottleneck", self.bottleneck, 1, 4096)
+        _check_range("width", self.width, 1, 4096)
+        _check_range("depth", self.depth, 0, 8)
+        _check_range("validation size", self.val_size, 0)
+        _check_range("train limit", self.train_limit, 0)
+        _check_range("test limit", self.test_limit, 0)
+        _check_range("learning rate", self.lr, 1e-8, 10.0)
+        _check_range("brain learning rate", self.brain_lr, 1e-8, 10.0)
+        _check_range("weight decay", self.weight_decay, 0.0, 1.0)
+        _check_range("goodness scale", self.goodness_scale, 1e-3, 1e3)
+        _check_range("label strength", self.label_strength, 0.0, 1.0)
+        _check_range("gumbel tau", self.gumbel_tau, 1e-3, 100.0)
+        _check_range("heads", self.heads, 1, 64)
+        _check_range("brain passes", self.brain_passes, 1, 100)
+        _check_range("dropout", self.dropout, 0.0, 0.99)
+        _check_range("gpus", self.gpus, 0.0, 1024.0)
+        _check_range("cpus", self.cpus, 0.0, 4096.0)
+        _check_range("brain port", self.brain_port, 0, 65535)
+        _check_range("dashboard port", self.dashboard_port, 1, 65535)
+        _check_range("stream timeout", self.stream_timeout_s, 1.0)
+        if self.competition == "topk" and not 1 <= self.top_k <= self.arms:
+            raise ConfigError(
+                f"invalid top-k {self.top_k}: it must be between 1 and the number "
+                f"of arms ({self.arms})"
+            )
+        if self.nerve_ring and self.bottleneck % self.heads:
+            raise ConfigError(
+                f"bottleneck {self.bottleneck} is not divisible by heads {self.heads}: "
+                "pick a bottleneck that is a multiple of --heads"
+            )
+        if self.brain_host not in ("127.0.0.1", "localhost") and not self.address:
+            raise ConfigError(
+                f"brain host {self.brain_host!r} exposes the brain's socket beyond this "
+                "machine: it is allowed only with --address (a multi-node cluster)"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config keys {unknown}: the known keys are {sorted(known)}"
+            )
+        return cls(**values)
+
+    def arm_resolution(self, arm_id: int, image_size: int) -> int:
+        """Input side length of arm `arm_id` (all arms see full size without multiscale)."""
+        if not self.multiscale:
+            return image_size
+        scales = MULTISCALE.get(image_size)
+        if scales is None:
+            scales = tuple(max(4, image_size >> i) for i in range(4))
+        return scales[arm_id % len(scales)]

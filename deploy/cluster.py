@@ -1,0 +1,199 @@
+"""Start or join Ray, create the named arm and brain actors, and tear everything down.
+
+`Cluster` is a context manager: leaving it kills every actor it created and, when
+it started Ray itself, shuts Ray down, on success, on error and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+from arms.actor import ArmActor
+from brain.actor import BrainActor
+from common.config import RunConfig
+from common.datasets import DATASET_INFO, Dataset, split_indices
+
+log = logging.getLogger(__name__)
+
+ACTOR_START_TIMEOUT_S = 300.0
+
+
+class ClusterError(RuntimeError):
+    """Ray could not start, or the requested resources do not exist."""
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_gpus(requested: float) -> None:
+    """Fail early when more GPUs are asked for than this machine has."""
+    if requested <= 0:
+        return
+    import torch
+
+    available = torch.cuda.device_count()
+    if requested > available:
+        raise ClusterError(
+            f"--gpus {requested:g} asks for more GPUs than this machine has ({available}): "
+            "pass --gpus 0 to run on CPU, or a count up to the number of GPUs"
+        )
+
+
+@dataclass
+class Cluster:
+    """The Ray session, the brain actor and the arm actors of one run."""
+
+    config: RunConfig
+    started_ray: bool = False
+    dashboard_url: str = ""
+    brain: object = None
+    arms: list = field(default_factory=list)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        config = self.config
+        if not config.address:
+            check_gpus(config.gpus)
+            if not port_is_free(config.dashboard_port):
+                raise ClusterError(
+                    f"the Ray dashboard port {config.dashboard_port} on 127.0.0.1 is in "
+                    "use (another Ray cluster?): stop it with `ray stop`, or pass "
+                    "--dashboard-port"
+                )
+        # Arms log lines that differ only in their numbers; Ray would fold them into one.
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        try:
+            if config.address:
+                context = ray.init(address=config.address, log_to_driver=True)
+            else:
+                context = ray.init(
+                    address="local",
+                    num_cpus=int(config.cpus) if config.cpus else None,
+                    num_gpus=int(config.gpus) if config.gpus else None,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=config.dashboard_port,
+                    log_to_driver=True,
+                    runtime_env={
+                        "env_vars": {
+                            "OCTOPUSNET_LOG_LEVEL": logging.getLevelName(
+                                logging.getLogger().level
+                            )
+                        }
+                    },
+                )
+                self.started_ray = True
+        except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError
+            raise ClusterError(
+                f"Ray failed to {'join ' + config.address if config.address else 'start'}: "
+                f"{err}. Check `ray status`, or stop a stale cluster with `ray stop`"
+            ) from err
+        self.dashboard_url = context.dashboard_url or ""
+        if config.address:
+            gpus = ray.cluster_resources().get("GPU", 0)
+            if config.gpus > gpus:
+                raise ClusterError(
+                    f"--gpus {config.gpus:g} asks for more GPUs than the cluster at "
+                    f"{config.address} has ({gpus:g})"
+                )
+
+    def cpus(self) -> float:
+        return self.config.cpus or ray.cluster_resources().get("CPU", 1.0)
+
+    def create_actors(self, data: Dataset, run_dir: str) -> None:
+        """Put the dataset in the object store once and start the brain and the arms."""
+        config = self.config
+        info = DATASET_INFO[config.dataset]
+        train_idx, val_idx = split_indices(
+            len(data.x_train), config.val_size, config.seed, config.train_limit
+        )
+        test_count = config.test_limit or len(data.x_test)
+        arrays = {
+            "x_train": data.x_train,
+            "y_train": data.y_train,
+            "x_test": data.x_test,
+            "y_test": data.y_test,
+            "train_idx": train_idx,
+            "val_idx": val_idx,
+            "test_idx": np.arange(min(test_count, len(data.x_test))),
+        }
+        data_ref = ray.put(arrays)
+        labels_ref = ray.put({"y_train": data.y_train, "y_test": data.y_test})
+
+        cpu_share = self.cpus() / config.arms
+        threads = max(1, int(cpu_share))
+        config_dict = config.to_dict()
+        self.brain = (
+            ray.remote(BrainActor)
+            .options(name="brain", num_cpus=0, max_concurrency=1)
+            .remote(config_dict, info.num_classes, labels_ref, run_dir)
+        )
+        endpoint = self._get(self.brain.endpoint.remote(), "the brain")
+        for arm_id in range(config.arms):
+            actor = (
+                ray.remote(ArmActor)
+                .options(
+                    name=f"arm-{arm_id}",
+                    num_cpus=cpu_share,
+                    num_gpus=config.gpus / config.arms if config.gpus else 0,
+                )
+                .remote(config_dict, arm_id, data_ref, run_dir, threads, endpoint)
+            )
+            self.arms.append(actor)
+        self._get([arm.process_id.remote() for arm in self.arms], "the arms")
+        log.info(
+            "started the brain and %d arms (%.2f CPUs, %d threads and %.2f GPUs each); "
+            "%d training, %d validation, %d test images",
+            config.arms,
+            cpu_share,
+            threads,
+            config.gpus / config.arms,
+            len(train_idx),
+            len(val_idx),
+            len(arrays["test_idx"]),
+        )
+
+    def _get(self, refs, what: str):
+        try:
+            return ray.get(refs, timeout=ACTOR_START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError as err:
+            raise ClusterError(
+                f"{what} did not start within {ACTOR_START_TIMEOUT_S:.0f} s: the cluster "
+                "may lack the CPUs or GPUs asked for (see `ray status`)"
+            ) from err
+        except ray.exceptions.RayActorError as err:
+            raise ClusterError(f"{what} failed to start: {err}") from err
+
+    def stop(self) -> None:
+        """Kill every actor this run created; shut Ray down if this run started it."""
+        if not ray.is_initialized():
+            return
+        for actor in [*self.arms, self.brain]:
+            if actor is not None:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except (
+                    Exception
+                ) as err:  # already dead actors raise; nothing is left to do
+                    log.debug("kill failed: %s", err)
+        self.arms, self.brain = [], None
+        if self.started_ray:
+            ray.shutdown()
+            log.info("stopped the local Ray cluster")

@@ -1,0 +1,174 @@
+"""The epoch loop of a distributed run, and evaluation of a saved run.
+
+Each epoch: every arm trains its local epoch in parallel (no communication), then
+the arms stream their training outputs to the brain, which trains, then the
+validation split is streamed and scored. The epoch with the best validation
+accuracy is kept, and the test split is scored once, at the end, with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+import ray
+
+from common.config import RunConfig
+from common.datasets import load_dataset
+from deploy.cluster import Cluster
+
+log = logging.getLogger(__name__)
+
+
+def git_revision() -> str:
+    """The repository's commit, with `-dirty` when the work tree has changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return revision + ("-dirty" if dirty else "")
+
+
+def stream_and_gather(cluster: Cluster, split: str, stream_id: str, epoch: int) -> dict:
+    """Stream `split` from every arm into the brain; return the brain's result."""
+    arm_ids = list(range(len(cluster.arms)))
+    if split == "train":
+        brain_ref = cluster.brain.train_stream.remote(stream_id, arm_ids, epoch)
+    else:
+        brain_ref = cluster.brain.evaluate_stream.remote(stream_id, split, arm_ids)
+    arm_refs = [arm.stream.remote(split, stream_id) for arm in cluster.arms]
+    ray.get(arm_refs)
+    return ray.get(brain_ref)
+
+
+def save_all(cluster: Cluster, tag: str) -> None:
+    ray.get([actor.save.remote(tag) for actor in [*cluster.arms, cluster.brain]])
+
+
+def load_all(cluster: Cluster, tag: str) -> list[int]:
+    return ray.get([actor.load.remote(tag) for actor in [*cluster.arms, cluster.brain]])
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(config: RunConfig, run_dir: Path) -> dict:
+    """Train a run into `run_dir` and return its results (also written to results.json)."""
+    data = load_dataset(config.dataset, config.data_dir, config.download)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    metrics_path = run_dir / "metrics.jsonl"
+    started = time.perf_counter()
+
+    with Cluster(config) as cluster:
+        cluster.start()
+        if cluster.dashboard_url:
+            log.info(
+                "Ray dashboard: http://%s (log in with the token that `ray get-auth-token` "
+                "prints, when token authentication is on)",
+                cluster.dashboard_url,
+            )
+        cluster.create_actors(data, str(run_dir))
+
+        best = {"val_accuracy": -1.0, "epoch": 0}
+        epoch_seconds = []
+        for epoch in range(1, config.epochs + 1):
+            epoch_start = time.perf_counter()
+            arm_metrics = ray.get(
+                [arm.train_epoch.remote(epoch) for arm in cluster.arms]
+            )
+            local_seconds = time.perf_counter() - epoch_start
+            brain_metrics = stream_and_gather(cluster, "train", f"train:{epoch}", epoch)
+            val = stream_and_gather(cluster, "val", f"val:{epoch}", epoch)
+            save_all(cluster, "last")
+            improved = val["accuracy"] > best["val_accuracy"]
+            if improved:
+                best = {"val_accuracy": val["accuracy"], "epoch": epoch}
+                save_all(cluster, "best")
+            seconds = time.perf_counter() - epoch_start
+            epoch_seconds.append(seconds)
+            record = {
+                "epoch": epoch,
+                "arms": arm_metrics,
+                **brain_metrics,
+                "val_accuracy": val["accuracy"],
+                "val_arm_accuracy": val["arm_accuracy"],
+                "val_mean_attention": val["mean_attention"],
+                "local_seconds": local_seconds,
+                "epoch_seconds": seconds,
+            }
+            append_jsonl(metrics_path, record)
+            log.info(
+                "epoch %d/%d: validation accuracy %.4f (arms %s)%s, %.1f s (local phase %.1f s)",
+                epoch,
+                config.epochs,
+                val["accuracy"],
+                " ".join(f"{a:.3f}" for a in val["arm_accuracy"]),
+                " [best]" if improved else "",
+                seconds,
+                local_seconds,
+            )
+
+        load_all(cluster, "best")
+        test = stream_and_gather(cluster, "test", "test", best["epoch"])
+
+    results = {
+        "test_accuracy": test["accuracy"],
+        "test_arm_accuracy": test["arm_accuracy"],
+        "test_samples": test["samples"],
+        "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_accuracy"],
+        "epoch_seconds": epoch_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "git_revision": config.git_revision,
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def evaluate(run_dir: Path, overrides: dict) -> dict:
+    """Score the best checkpoints of a saved run on its validation and test splits."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path} not found: --eval needs a run directory written by training"
+        )
+    try:
+        values = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{config_path} is not valid JSON ({err}); restore it"
+        ) from err
+    config = RunConfig.from_dict({**values, **overrides})
+    data = load_dataset(config.dataset, config.data_dir, config.download)
+    with Cluster(config) as cluster:
+        cluster.start()
+        cluster.create_actors(data, str(run_dir))
+        epochs = load_all(cluster, "best")
+        val = stream_and_gather(cluster, "val", "val:eval", epochs[0])
+        test = stream_and_gather(cluster, "test", "test:eval", epochs[0])
+    return {
+        "epoch": epochs[0],
+        "val_accuracy": val["accuracy"],
+        "test_accuracy": test["accuracy"],
+        "test_arm_accuracy": test["arm_accuracy"],
+        "test_samples": test["samples"],
+    }
