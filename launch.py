@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common.config import (
     ARM_TYPES,
+    BRAIN_MODES,
     COMPETITIONS,
     DATASETS,
     DEVICES,
@@ -36,6 +37,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--eval", metavar="RUN_DIR", help="evaluate a saved run instead of training"
+    )
+    parser.add_argument(
+        "--report",
+        metavar="RUN_DIR",
+        help="write figures and report.md for a finished run instead of training",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars (they are drawn only when stderr is a terminal)",
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -130,6 +141,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     brain = parser.add_argument_group("brain")
     brain.add_argument(
+        "--brain-mode",
+        default=defaults.brain_mode,
+        choices=BRAIN_MODES,
+        help="attention: nerve ring and coordinator; logit: learned weights over the "
+        "arms' local logits; ensemble: their average",
+    )
+    brain.add_argument(
+        "--use-sff",
+        action="store_true",
+        help="fully local mode, the same as --brain-mode logit",
+    )
+    brain.add_argument(
         "--competition", default=defaults.competition, choices=COMPETITIONS
     )
     brain.add_argument("--top-k", type=int, default=defaults.top_k)
@@ -210,6 +233,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         label_strength=args.label_strength,
         goodness_scale=args.goodness_scale,
         augment=not args.no_augment,
+        brain_mode="logit" if args.use_sff else args.brain_mode,
         competition=args.competition,
         top_k=args.top_k,
         nerve_ring=not args.no_nerve_ring,
@@ -238,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from deploy import training
 
+        if args.report:
+            from deploy.report import write_report
+
+            print(f"report written to {write_report(Path(args.report))}")
+            return 0
+
         if args.eval:
             overrides = {"data_dir": args.data_dir} if args.data_dir else {}
             results = training.evaluate(Path(args.eval), overrides)
@@ -257,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(args.log_level, run_dir / "run.log")
         log.info("run directory %s", run_dir.resolve())
-        results = training.train(config, run_dir)
+        results = training.train(config, run_dir, False if args.quiet else None)
     except KeyboardInterrupt:
         print("interrupted: every actor was stopped", file=sys.stderr)
         return 130

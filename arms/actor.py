@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 import zmq
 
@@ -23,10 +24,12 @@ from common.checkpoint import load_checkpoint, load_state, save_checkpoint
 from common.config import RunConfig
 from common.datasets import DATASET_INFO
 from common.logs import setup_logging
+from common.telemetry import ArmTelemetry
 
 log = logging.getLogger(__name__)
 
 LOG_INTERVAL_S = 30.0
+TELEMETRY_STEPS = 10  # dashboard gauges are set every this many steps
 
 
 def select_device(requested: str) -> torch.device:
@@ -87,6 +90,10 @@ class ArmActor:
         steps = self.config.epochs * self._steps_per_epoch()
         self.model.configure_optimizer(self.config.lr, self.config.weight_decay, steps)
         self.epoch = 0
+        self._progress = {"epoch": 0, "phase": "ready", "step": 0, "total": 0}
+        self.telemetry = ArmTelemetry(arm_id)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            self.telemetry.restarted()
 
         self.context = zmq.Context()
         self.push = self.context.socket(zmq.PUSH)
@@ -123,6 +130,10 @@ class ArmActor:
     def process_id(self) -> int:
         return os.getpid()
 
+    def progress(self) -> dict:
+        """Current phase, step and latest metrics; answered while the arm trains."""
+        return dict(self._progress)
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Train one local epoch; return mean metrics and throughput."""
         self.epoch = epoch
@@ -140,7 +151,22 @@ class ArmActor:
             metrics = self.model.train_step(images, labels, self.autocast)
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value
+            self._progress = {
+                "epoch": epoch,
+                "phase": "local",
+                "step": step + 1,
+                "total": steps,
+                "metrics": {"ff_loss": metrics["ff_loss"]},
+            }
             now = time.perf_counter()
+            if step % TELEMETRY_STEPS == 0:
+                self.telemetry.record(
+                    {
+                        **metrics,
+                        "epoch": epoch,
+                        "images_per_s": (step + 1) * batch_size / (now - start),
+                    }
+                )
             if now - last_log >= LOG_INTERVAL_S:
                 last_log = now
                 log.info(
@@ -164,6 +190,7 @@ class ArmActor:
             images_per_s=steps * batch_size / seconds,
             lr=self.model.optimizer.param_groups[0]["lr"],
         )
+        self.telemetry.record(result)
         log.info(
             "arm %d epoch %d done: ff_loss %.3f, goodness pos %.3f / neg %.3f, local "
             "accuracy %.3f, %.0f img/s, %.1f s",
@@ -191,11 +218,20 @@ class ArmActor:
         else:
             raise ValueError(f"invalid split {split!r}: choose train, val or test")
         batch_size = self.config.batch_size
+        total = -(-len(indices) // batch_size)
         batches = 0
         for start in range(0, len(indices), batch_size):
+            self._progress = {
+                "epoch": self.epoch,
+                "phase": f"stream {split}",
+                "step": batches,
+                "total": total,
+            }
             batch = indices[start : start + batch_size]
             features, logits = self.model.infer(
-                self._images(split, batch, False), self.autocast
+                self._images(split, batch, False),
+                self.autocast,
+                head_logits=self.config.brain_mode != "attention",
             )
             frame = wire.encode(
                 wire.ARM_OUTPUT,

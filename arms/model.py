@@ -33,8 +33,11 @@ def default_depth(resolution: int) -> int:
     return max(1, min(4, int(math.log2(resolution)) - 1))
 
 
-def block_widths(width: int, depth: int, num_classes: int) -> list[int]:
-    """Channel widths doubling per block, rounded up to a multiple of the class count."""
+def block_widths(width: int, depth: int, num_classes: int = 1) -> list[int]:
+    """Channel widths doubling per block, rounded up to a multiple of `num_classes`.
+
+    Grouped arms pass their class count so every block splits into equal class groups.
+    """
     return [math.ceil(width * 2**i / num_classes) * num_classes for i in range(depth)]
 
 
@@ -143,9 +146,16 @@ class LocalArm(nn.Module):
 
     @torch.no_grad()
     def infer(
-        self, images: torch.Tensor, autocast_dtype: torch.dtype | None = None
+        self,
+        images: torch.Tensor,
+        autocast_dtype: torch.dtype | None = None,
+        head_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (features (B, D), logits (B, C)) for images in [0, 1]."""
+        """Return (features (B, D), logits (B, C)) for images in [0, 1].
+
+        The logits are the arm's own prediction, or with `head_logits` those of its
+        local classifier on the features (the SFF and ensemble modes use these).
+        """
         self.eval()
         device_type = images.device.type
         with torch.autocast(
@@ -154,7 +164,10 @@ class LocalArm(nn.Module):
             enabled=autocast_dtype is not None,
         ):
             h_last, logits = self.encode(images)
-        return self.features(h_last).float(), logits.float()
+        features = self.features(h_last).float()
+        if head_logits:
+            logits = self.head(features)
+        return features, logits.float()
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the last block's output and the arm's own logits."""
@@ -256,7 +269,8 @@ def build_arm(config, arm_id: int, info) -> LocalArm:
     """Build arm `arm_id` of a run from its config and the dataset's `DatasetInfo`."""
     resolution = config.arm_resolution(arm_id, info.image_size)
     depth = config.depth or default_depth(resolution)
-    widths = block_widths(config.width, depth, info.num_classes)
+    groups = info.num_classes if config.arm_type == "grouped" else 1
+    widths = block_widths(config.width, depth, groups)
     common = dict(
         in_channels=info.channels,
         num_classes=info.num_classes,

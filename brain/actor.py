@@ -23,6 +23,7 @@ from common import wire
 from common.checkpoint import load_checkpoint, load_state, save_checkpoint
 from common.config import RunConfig
 from common.logs import setup_logging
+from common.telemetry import BrainTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,17 @@ class BrainActor:
         self.labels = labels
         self.run_dir = Path(run_dir)
         self.model = build_brain(self.config, num_classes)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.config.brain_lr
+        parameters = list(self.model.parameters())
+        # The ensemble mode has nothing to train: it averages the arms' logits.
+        self.optimizer = (
+            torch.optim.AdamW(parameters, lr=self.config.brain_lr)
+            if parameters
+            else None
         )
         self.epoch = 0
         self.dropped_messages = 0
+        self._progress = {"epoch": 0, "phase": "ready", "step": 0, "total": 0}
+        self.telemetry = BrainTelemetry()
 
         self.context = zmq.Context()
         self.pull = self.context.socket(zmq.PULL)
@@ -85,9 +92,17 @@ class BrainActor:
     def process_id(self) -> int:
         return os.getpid()
 
-    def _receive(self, stream_id: str, arm_ids: tuple[int, ...]):
-        """Yield complete batches of `stream_id` until every arm ends its stream."""
+    def progress(self) -> dict:
+        """Current phase and gathered batches; answered while the brain gathers."""
+        return dict(self._progress)
+
+    def _receive(self, stream_id: str, arm_ids: tuple[int, ...], expected: int = 0):
+        """Yield complete batches of `stream_id` until every arm ends its stream.
+
+        `expected` is the batch count shown by the progress bar (0 if unknown).
+        """
         gatherer = BatchGatherer(stream_id, arm_ids)
+        self.telemetry.live_arms.set(len(arm_ids))
         timeout_s = self.config.stream_timeout_s
         last_message = time.monotonic()
         gathered = 0
@@ -124,7 +139,17 @@ class BrainActor:
                 continue
             if batch is not None:
                 gathered += 1
+                self._progress = {
+                    "epoch": self.epoch,
+                    "phase": f"gather {stream_id.split(':')[0]}",
+                    "step": gathered,
+                    "total": expected,
+                }
                 yield batch
+                latency_ms = (time.monotonic() - batch.first_arrival_s) * 1000
+                self.telemetry.answered(
+                    stream_id.split(":")[0], latency_ms, degraded=False
+                )
         gatherer.check_complete(gathered)
 
     def _drop(self, reason: str) -> None:
@@ -149,19 +174,22 @@ class BrainActor:
         self.model.train()
         brain_logits, _ = self.model(features, logits, live)
         loss = F.cross_entropy(brain_logits, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
         correct = (brain_logits.argmax(1) == labels).sum().item()
         return loss.item() * len(labels), correct
 
-    def train_stream(self, stream_id: str, arm_ids: list[int], epoch: int) -> dict:
+    def train_stream(
+        self, stream_id: str, arm_ids: list[int], epoch: int, expected: int = 0
+    ) -> dict:
         """Train on one streamed pass of the training set, then `brain_passes - 1` more."""
         self.epoch = epoch
         start = time.perf_counter()
         batches: list[Batch] = []
         loss_sum, correct = 0.0, 0
-        for batch in self._receive(stream_id, tuple(arm_ids)):
+        for batch in self._receive(stream_id, tuple(arm_ids), expected):
             batches.append(batch)
             batch_loss, batch_correct = self._train_batch(batch)
             loss_sum += batch_loss
@@ -193,27 +221,38 @@ class BrainActor:
         return result
 
     @torch.no_grad()
-    def evaluate_stream(self, stream_id: str, split: str, arm_ids: list[int]) -> dict:
-        """Accuracy of the brain and of each arm's own logits on one streamed split."""
+    def evaluate_stream(
+        self, stream_id: str, split: str, arm_ids: list[int], expected: int = 0
+    ) -> dict:
+        """Score the brain and each arm's own logits on one streamed split.
+
+        Besides accuracies, returns per-class accuracy of every arm (N x C) and the
+        coordinator's mean attention per true class (C x N), for the run report.
+        """
         self.model.eval()
-        arms = len(arm_ids)
+        arms, classes = len(arm_ids), self.model.num_classes
         correct = 0
-        arm_correct = np.zeros(arms, dtype=np.int64)
-        attention_sum = torch.zeros(arms)
-        samples = 0
-        for batch in self._receive(stream_id, tuple(arm_ids)):
+        arm_correct = torch.zeros(arms, classes)
+        attention_sum = torch.zeros(classes, arms)
+        class_count = torch.zeros(classes)
+        for batch in self._receive(stream_id, tuple(arm_ids), expected):
             features, logits, live, labels = self._tensors(batch, split)
             brain_logits, attention = self.model(features, logits, live)
             correct += (brain_logits.argmax(1) == labels).sum().item()
-            arm_correct += (logits.argmax(2) == labels[:, None]).sum(0).numpy()
-            attention_sum += attention.sum(0)
-            samples += len(labels)
+            hits = (logits.argmax(2) == labels[:, None]).float()  # (B, N)
+            arm_correct.index_add_(1, labels, hits.T)
+            attention_sum.index_add_(0, labels, attention.float())
+            class_count += torch.bincount(labels, minlength=classes)
+        samples = int(class_count.sum())
         if not samples:
             raise RuntimeError(f"stream {stream_id} delivered no batches to the brain")
+        per_class = class_count.clamp_min(1)
         return {
             "accuracy": correct / samples,
-            "arm_accuracy": (arm_correct / samples).tolist(),
-            "mean_attention": (attention_sum / samples).tolist(),
+            "arm_accuracy": (arm_correct.sum(1) / samples).tolist(),
+            "arm_class_accuracy": (arm_correct / per_class).tolist(),
+            "mean_attention": (attention_sum.sum(0) / samples).tolist(),
+            "class_attention": (attention_sum / per_class[:, None]).tolist(),
             "samples": samples,
         }
 
@@ -224,7 +263,7 @@ class BrainActor:
         path = self.checkpoint_path(tag)
         state = {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else {},
         }
         save_checkpoint(
             path,
@@ -242,7 +281,8 @@ class BrainActor:
         path = self.checkpoint_path(tag)
         payload = load_checkpoint(path, "brain")
         load_state(self.model, payload["state"]["model"], str(path))
-        self.optimizer.load_state_dict(payload["state"]["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(payload["state"]["optimizer"])
         self.epoch = int(payload["epoch"])
         log.info("brain loaded %s (epoch %d)", path, self.epoch)
         return self.epoch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ class Batch:
     indices: np.ndarray  # (B,) dataset indices
     features: np.ndarray  # (B, N, D)
     logits: np.ndarray  # (B, N, C)
+    first_arrival_s: float = 0.0  # time.monotonic() when the first arm's output arrived
 
 
 @dataclass
@@ -28,6 +30,7 @@ class BatchGatherer:
     stream_id: str
     arm_ids: tuple[int, ...]
     pending: dict[int, dict[int, dict]] = field(default_factory=dict)
+    first_arrival_s: dict[int, float] = field(default_factory=dict)
     finished_arms: dict[int, int] = field(default_factory=dict)  # arm_id -> batch count
 
     def add(self, message: dict) -> Batch | None:
@@ -43,13 +46,16 @@ class BatchGatherer:
                 f"{self.stream_id!r}"
             )
         slots = self.pending.setdefault(message["batch_id"], {})
+        self.first_arrival_s.setdefault(message["batch_id"], time.monotonic())
         if arm_id in slots:
             raise GatherError(f"arm {arm_id} sent batch {message['batch_id']} twice")
         slots[arm_id] = message
         if len(slots) < len(self.arm_ids):
             return None
         del self.pending[message["batch_id"]]
-        return self._stack(message["batch_id"], slots)
+        batch = self._stack(message["batch_id"], slots)
+        batch.first_arrival_s = self.first_arrival_s.pop(message["batch_id"])
+        return batch
 
     def finish(self, arm_id: int, batches: int) -> None:
         """Record an arm's end of stream with the number of batches it sent."""
@@ -63,9 +69,9 @@ class BatchGatherer:
         return len(self.finished_arms) == len(self.arm_ids)
 
     def check_complete(self, gathered: int) -> None:
-        """Raise unless every announced batch arrived from every arm."""
+        """Raise unless every arm ended its stream and all its batches arrived."""
         announced = set(self.finished_arms.values())
-        if self.pending or announced != {gathered}:
+        if self.pending or not self.done or announced != {gathered}:
             incomplete = {
                 b: sorted(slots) for b, slots in sorted(self.pending.items())[:5]
             }

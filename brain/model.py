@@ -130,7 +130,34 @@ class Brain(nn.Module):
         return self.classifier(pooled), attention
 
 
-def build_brain(config, num_classes: int) -> Brain:
+class LogitCoordinator(nn.Module):
+    """Softmax weights over the arms' log-probabilities: learned, or uniform (ensemble)."""
+
+    def __init__(self, arms: int, learned: bool):
+        super().__init__()
+        self.num_classes = 0  # set by build_brain
+        if learned:
+            self.arm_scores = nn.Parameter(torch.zeros(arms))
+        else:
+            self.register_buffer("arm_scores", torch.zeros(arms))
+
+    def forward(
+        self, features: torch.Tensor, arm_logits: torch.Tensor, live: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (log-probabilities (B, C), arm weights (B, N)); features are unused."""
+        if not live.any(1).all():
+            raise ValueError("every sample needs at least one live arm")
+        scores = self.arm_scores.expand(live.shape).masked_fill(~live, float("-inf"))
+        weights = torch.softmax(scores, dim=1)
+        log_probs = F.log_softmax(arm_logits, dim=-1)
+        return torch.einsum("bn,bnc->bc", weights, log_probs), weights
+
+
+def build_brain(config, num_classes: int) -> nn.Module:
+    if config.brain_mode != "attention":
+        brain = LogitCoordinator(config.arms, learned=config.brain_mode == "logit")
+        brain.num_classes = num_classes
+        return brain
     return Brain(
         arms=config.arms,
         dim=config.bottleneck,

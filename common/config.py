@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
 ARM_TYPES = ("grouped", "overlay")
 COMPETITIONS = ("soft", "topk", "gumbel")
+# attention: nerve ring + coordinator + MLP over the arms' features and logits.
+# logit: learned softmax weights over the arms' local-classifier logits (fully local
+# SFF mode). ensemble: the plain average of those logits.
+BRAIN_MODES = ("attention", "logit", "ensemble")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -65,6 +69,7 @@ class RunConfig:
     augment: bool = True
 
     # Brain.
+    brain_mode: str = "attention"
     competition: str = "soft"
     top_k: int = 2
     gumbel_tau: float = 0.5
@@ -95,6 +100,7 @@ class RunConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("arm type", self.arm_type, ARM_TYPES)
         _check_choice("competition", self.competition, COMPETITIONS)
+        _check_choice("brain mode", self.brain_mode, BRAIN_MODES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_range("number of arms (--arms)", self.arms, 1, 64)

@@ -1,40 +1,64 @@
-"""Fourier label overlay: one full-image sinusoid per class, blended into the image.
+"""Fourier label overlay: one full-image pattern per class, blended into the image.
 
-Up to 12 classes use the original family: orientation 0/45/90/135 degrees by
-`c % 4` and 1, 2 or 3 cycles across the image by `c // 4`. Larger label sets use
-more orientations and frequencies (`orientations = ceil(sqrt(C))`, 1 to
-`ceil(C / orientations)` cycles), so every class keeps a distinct pattern.
+Up to 12 classes use the original family: one sinusoid, orientation 0/45/90/135
+degrees by `c % 4` and 1, 2 or 3 cycles across the image by `c // 4`. Larger label
+sets would alias on small grids (100 plain sinusoids coincide at 8 px), so each
+class there gets a sum of three sinusoids with random orientation, frequency (up to
+the grid's Nyquist limit) and phase, redrawn until it differs from every earlier
+class by at least `MIN_RMS_DISTANCE` per pixel. The draws are seeded, so every
+process builds the same patterns.
 """
-
-from __future__ import annotations
 
 import math
 
 import torch
+
+MIN_RMS_DISTANCE = 0.15
+MAX_DRAWS = 10_000
 
 
 def class_patterns(num_classes: int, size: int) -> torch.Tensor:
     """Return (C, size, size) patterns, each min-max scaled to [0, 1]."""
     if num_classes < 2:
         raise ValueError(f"invalid number of classes {num_classes}: need at least 2")
-    if num_classes <= 12:
-        orientations, cycles = 4, 3
-    else:
-        orientations = math.ceil(math.sqrt(num_classes))
-        cycles = math.ceil(num_classes / orientations)
-    assert orientations * cycles >= num_classes
-
-    coords = torch.linspace(0.0, 1.0, size)
+    coords = torch.linspace(0.0, 1.0, size, dtype=torch.float64)
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+
+    def wave(angle: float, cycles: float, phase: float) -> torch.Tensor:
+        position = xx * math.cos(angle) + yy * math.sin(angle)
+        return torch.sin(2 * math.pi * cycles * position + phase)
+
+    if num_classes <= 12:
+        patterns = [
+            wave(math.pi * (c % 4) / 4, 1 + c // 4, 0.0) for c in range(num_classes)
+        ]
+        return torch.stack([_min_max(p) for p in patterns]).float()
+
+    generator = torch.Generator().manual_seed(num_classes * 1000 + size)
+    nyquist = max(1.0, (size - 1) / 2)
     patterns = []
-    for c in range(num_classes):
-        angle = math.pi * (c % orientations) / orientations
-        frequency = 1 + c // orientations
-        phase = xx * math.cos(angle) + yy * math.sin(angle)
-        wave = torch.sin(2 * math.pi * frequency * phase)
-        wave = (wave - wave.min()) / (wave.max() - wave.min()).clamp_min(1e-8)
-        patterns.append(wave)
-    return torch.stack(patterns)
+    for _ in range(MAX_DRAWS):
+        draws = torch.rand(3, 3, generator=generator, dtype=torch.float64).tolist()
+        candidate = _min_max(
+            sum(
+                wave(math.pi * a, 1 + (nyquist - 1) * f, 2 * math.pi * p)
+                for a, f, p in draws
+            )
+        )
+        if all(
+            (candidate - q).pow(2).mean().sqrt() >= MIN_RMS_DISTANCE for q in patterns
+        ):
+            patterns.append(candidate)
+            if len(patterns) == num_classes:
+                return torch.stack(patterns).float()
+    raise ValueError(
+        f"cannot draw {num_classes} distinct patterns on a {size} px grid: use a larger "
+        "resolution for the overlay arms"
+    )
+
+
+def _min_max(pattern: torch.Tensor) -> torch.Tensor:
+    return (pattern - pattern.min()) / (pattern.max() - pattern.min()).clamp_min(1e-8)
 
 
 def apply_overlay(

@@ -86,17 +86,21 @@ def decode(frame: bytes) -> dict[str, Any]:
             f"message must be a map, got {type(body).__name__}: {_preview(body)}"
         )
     version = body.get("v")
-    if version != PROTOCOL_VERSION:
+    # True and 1.0 compare equal to 1, so the type is checked as well.
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise WireError(
             f"protocol version {version!r} is not supported (this side speaks "
             f"{PROTOCOL_VERSION}): run the same OctopusNet release on every node"
         )
     message_type = body.get("type")
-    if message_type not in SCHEMAS:
+    if not isinstance(message_type, str) or message_type not in SCHEMAS:
         raise WireError(
             f"unknown message type {_preview(message_type)}: expected one of {sorted(SCHEMAS)}"
         )
     fields = {k: v for k, v in body.items() if k not in ("v", "type")}
+    extra = sorted(map(repr, set(fields) - set(SCHEMAS[message_type])))
+    if extra:
+        raise WireError(f"{message_type} message has extra fields {_preview(extra)}")
     decoded = {}
     for name, kind in SCHEMAS[message_type].items():
         if name not in fields:

@@ -60,6 +60,8 @@ class Cluster:
     dashboard_url: str = ""
     brain: object = None
     arms: list = field(default_factory=list)
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    actors: dict[str, object] = field(default_factory=dict)
 
     def __enter__(self) -> Cluster:
         return self
@@ -134,6 +136,11 @@ class Cluster:
             "val_idx": val_idx,
             "test_idx": np.arange(min(test_count, len(data.x_test))),
         }
+        self.split_sizes = {
+            "train": len(train_idx),
+            "val": len(val_idx),
+            "test": len(arrays["test_idx"]),
+        }
         data_ref = ray.put(arrays)
         labels_ref = ray.put({"y_train": data.y_train, "y_test": data.y_test})
 
@@ -142,7 +149,7 @@ class Cluster:
         config_dict = config.to_dict()
         self.brain = (
             ray.remote(BrainActor)
-            .options(name="brain", num_cpus=0, max_concurrency=1)
+            .options(name="brain", num_cpus=0, max_concurrency=2)
             .remote(config_dict, info.num_classes, labels_ref, run_dir)
         )
         endpoint = self._get(self.brain.endpoint.remote(), "the brain")
@@ -151,6 +158,8 @@ class Cluster:
                 ray.remote(ArmActor)
                 .options(
                     name=f"arm-{arm_id}",
+                    # A second thread answers progress() while the first trains.
+                    max_concurrency=2,
                     num_cpus=cpu_share,
                     num_gpus=config.gpus / config.arms if config.gpus else 0,
                 )
@@ -158,6 +167,9 @@ class Cluster:
             )
             self.arms.append(actor)
         self._get([arm.process_id.remote() for arm in self.arms], "the arms")
+        self.actors = {"brain": self.brain} | {
+            f"arm-{i}": arm for i, arm in enumerate(self.arms)
+        }
         log.info(
             "started the brain and %d arms (%.2f CPUs, %d threads and %.2f GPUs each); "
             "%d training, %d validation, %d test images",
@@ -193,7 +205,7 @@ class Cluster:
                     Exception
                 ) as err:  # already dead actors raise; nothing is left to do
                     log.debug("kill failed: %s", err)
-        self.arms, self.brain = [], None
+        self.arms, self.brain, self.actors = [], None, {}
         if self.started_ray:
             ray.shutdown()
             log.info("stopped the local Ray cluster")

@@ -19,6 +19,7 @@ import ray
 from common.config import RunConfig
 from common.datasets import load_dataset
 from deploy.cluster import Cluster
+from deploy.progress import ProgressBoard
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,15 @@ def git_revision() -> str:
 def stream_and_gather(cluster: Cluster, split: str, stream_id: str, epoch: int) -> dict:
     """Stream `split` from every arm into the brain; return the brain's result."""
     arm_ids = list(range(len(cluster.arms)))
+    expected = -(-cluster.split_sizes[split] // cluster.config.batch_size)
     if split == "train":
-        brain_ref = cluster.brain.train_stream.remote(stream_id, arm_ids, epoch)
+        brain_ref = cluster.brain.train_stream.remote(
+            stream_id, arm_ids, epoch, expected
+        )
     else:
-        brain_ref = cluster.brain.evaluate_stream.remote(stream_id, split, arm_ids)
+        brain_ref = cluster.brain.evaluate_stream.remote(
+            stream_id, split, arm_ids, expected
+        )
     arm_refs = [arm.stream.remote(split, stream_id) for arm in cluster.arms]
     ray.get(arm_refs)
     return ray.get(brain_ref)
@@ -71,7 +77,50 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train(config: RunConfig, run_dir: Path) -> dict:
+def run_epochs(cluster: Cluster, metrics_path: Path) -> tuple[dict, list[float]]:
+    """Train every epoch; keep `best` checkpoints by validation accuracy."""
+    config = cluster.config
+    best = {"val_accuracy": -1.0, "epoch": 0}
+    epoch_seconds = []
+    for epoch in range(1, config.epochs + 1):
+        epoch_start = time.perf_counter()
+        arm_metrics = ray.get([arm.train_epoch.remote(epoch) for arm in cluster.arms])
+        local_seconds = time.perf_counter() - epoch_start
+        brain_metrics = stream_and_gather(cluster, "train", f"train:{epoch}", epoch)
+        val = stream_and_gather(cluster, "val", f"val:{epoch}", epoch)
+        save_all(cluster, "last")
+        improved = val["accuracy"] > best["val_accuracy"]
+        if improved:
+            best = {"val_accuracy": val["accuracy"], "epoch": epoch}
+            save_all(cluster, "best")
+        seconds = time.perf_counter() - epoch_start
+        epoch_seconds.append(seconds)
+        record = {
+            "epoch": epoch,
+            "arms": arm_metrics,
+            **brain_metrics,
+            "val_accuracy": val["accuracy"],
+            "val_arm_accuracy": val["arm_accuracy"],
+            "val_mean_attention": val["mean_attention"],
+            "local_seconds": local_seconds,
+            "epoch_seconds": seconds,
+        }
+        append_jsonl(metrics_path, record)
+        log.info(
+            "epoch %d/%d: validation accuracy %.4f (arms %s)%s, %.1f s (local phase %.1f s)",
+            epoch,
+            config.epochs,
+            val["accuracy"],
+            " ".join(f"{a:.3f}" for a in val["arm_accuracy"]),
+            " [best]" if improved else "",
+            seconds,
+            local_seconds,
+        )
+
+    return best, epoch_seconds
+
+
+def train(config: RunConfig, run_dir: Path, show_progress: bool | None = None) -> dict:
     """Train a run into `run_dir` and return its results (also written to results.json)."""
     data = load_dataset(config.dataset, config.data_dir, config.download)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -87,52 +136,18 @@ def train(config: RunConfig, run_dir: Path) -> dict:
                 cluster.dashboard_url,
             )
         cluster.create_actors(data, str(run_dir))
-
-        best = {"val_accuracy": -1.0, "epoch": 0}
-        epoch_seconds = []
-        for epoch in range(1, config.epochs + 1):
-            epoch_start = time.perf_counter()
-            arm_metrics = ray.get(
-                [arm.train_epoch.remote(epoch) for arm in cluster.arms]
-            )
-            local_seconds = time.perf_counter() - epoch_start
-            brain_metrics = stream_and_gather(cluster, "train", f"train:{epoch}", epoch)
-            val = stream_and_gather(cluster, "val", f"val:{epoch}", epoch)
-            save_all(cluster, "last")
-            improved = val["accuracy"] > best["val_accuracy"]
-            if improved:
-                best = {"val_accuracy": val["accuracy"], "epoch": epoch}
-                save_all(cluster, "best")
-            seconds = time.perf_counter() - epoch_start
-            epoch_seconds.append(seconds)
-            record = {
-                "epoch": epoch,
-                "arms": arm_metrics,
-                **brain_metrics,
-                "val_accuracy": val["accuracy"],
-                "val_arm_accuracy": val["arm_accuracy"],
-                "val_mean_attention": val["mean_attention"],
-                "local_seconds": local_seconds,
-                "epoch_seconds": seconds,
-            }
-            append_jsonl(metrics_path, record)
-            log.info(
-                "epoch %d/%d: validation accuracy %.4f (arms %s)%s, %.1f s (local phase %.1f s)",
-                epoch,
-                config.epochs,
-                val["accuracy"],
-                " ".join(f"{a:.3f}" for a in val["arm_accuracy"]),
-                " [best]" if improved else "",
-                seconds,
-                local_seconds,
-            )
-
-        load_all(cluster, "best")
-        test = stream_and_gather(cluster, "test", "test", best["epoch"])
+        board = ProgressBoard(cluster.actors, show_progress)
+        with board:
+            best, epoch_seconds = run_epochs(cluster, metrics_path)
+            load_all(cluster, "best")
+            test = stream_and_gather(cluster, "test", "test", best["epoch"])
 
     results = {
         "test_accuracy": test["accuracy"],
         "test_arm_accuracy": test["arm_accuracy"],
+        "test_arm_class_accuracy": test["arm_class_accuracy"],
+        "test_class_attention": test["class_attention"],
+        "class_names": list(data.class_names),
         "test_samples": test["samples"],
         "best_epoch": best["epoch"],
         "best_val_accuracy": best["val_accuracy"],

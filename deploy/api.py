@@ -1,0 +1,137 @@
+"""Python API: train a distributed run, then load, predict and evaluate in-process.
+
+from deploy.api import RunConfig, load_run, train
+
+config = RunConfig(dataset="cifar10", data_dir="../shared/data", epochs=1)
+model, history = train(config, use_sff=True)
+predictions = model.predict(images)  # uint8 (B, H, W, C) -> class ids
+accuracy = model.evaluate(images, labels)
+same_model = load_run(history["run_dir"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from arms.augment import resize, to_tensor
+from arms.model import LocalArm, build_arm
+from brain.model import build_brain
+from common.checkpoint import load_checkpoint, load_state
+from common.config import RunConfig
+from common.datasets import DATASET_INFO
+from deploy import training
+
+__all__ = ["OctopusModel", "RunConfig", "load_run", "train"]
+
+
+class OctopusModel:
+    """All arms and the brain of a run, loaded in this process for inference."""
+
+    def __init__(self, config: RunConfig, arms: list[LocalArm], brain: torch.nn.Module):
+        self.config = config
+        self.arms = arms
+        self.brain = brain.eval()
+        self.info = DATASET_INFO[config.dataset]
+
+    @torch.no_grad()
+    def predict_logits(
+        self, images: np.ndarray, live: list[int] | None = None, batch_size: int = 500
+    ) -> torch.Tensor:
+        """Brain logits (B, C) for uint8 images (B, H, W[, C]); `live` lists the arms used."""
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[..., None]
+        expected = (self.info.image_size, self.info.image_size, self.info.channels)
+        if images.dtype != np.uint8 or images.shape[1:] != expected:
+            raise ValueError(
+                f"images have shape {images.shape} and dtype {images.dtype}; this "
+                f"{self.config.dataset} model takes uint8 (B, {', '.join(map(str, expected))})"
+            )
+        live_ids = list(range(len(self.arms))) if live is None else list(live)
+        if not live_ids or not set(live_ids) <= set(range(len(self.arms))):
+            raise ValueError(
+                f"live arms {live} must be a non-empty subset of 0..{len(self.arms) - 1}"
+            )
+        head_logits = self.config.brain_mode != "attention"
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            x = to_tensor(images[start : start + batch_size])
+            per_arm = [
+                arm.infer(resize(x, arm.resolution), head_logits=head_logits)
+                for arm in self.arms
+            ]
+            features = torch.stack([f for f, _ in per_arm], 1)
+            arm_logits = torch.stack([lg for _, lg in per_arm], 1)
+            mask = torch.zeros(features.shape[:2], dtype=torch.bool)
+            mask[:, live_ids] = True
+            logits, _ = self.brain(features, arm_logits, mask)
+            outputs.append(logits)
+        return torch.cat(outputs)
+
+    def predict(self, images: np.ndarray, live: list[int] | None = None) -> np.ndarray:
+        """Predicted class ids (B,) for uint8 images."""
+        return self.predict_logits(images, live).argmax(1).numpy()
+
+    def evaluate(
+        self, images: np.ndarray, labels: np.ndarray, live: list[int] | None = None
+    ) -> float:
+        """Accuracy on (images, labels), optionally from a subset of live arms."""
+        return float((self.predict(images, live) == np.asarray(labels)).mean())
+
+
+def load_run(run_dir: str | Path, tag: str = "best") -> OctopusModel:
+    """Build every arm and the brain of a saved run from its `tag` checkpoints."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path} not found: load_run needs a run directory"
+        )
+    config = RunConfig.from_dict(json.loads(config_path.read_text()))
+    info = DATASET_INFO[config.dataset]
+    arms = []
+    for arm_id in range(config.arms):
+        path = run_dir / "checkpoints" / f"arm-{arm_id}-{tag}.pt"
+        arm = build_arm(config, arm_id, info)
+        load_state(
+            arm, load_checkpoint(path, "arm", arm_id)["state"]["model"], str(path)
+        )
+        arms.append(arm.eval())
+    path = run_dir / "checkpoints" / f"brain-{tag}.pt"
+    brain = build_brain(config, info.num_classes)
+    load_state(brain, load_checkpoint(path, "brain")["state"]["model"], str(path))
+    return OctopusModel(config, arms, brain)
+
+
+def train(
+    config: RunConfig, use_sff: bool = False, show_progress: bool = False
+) -> tuple[OctopusModel, dict]:
+    """Train `config` on a local Ray cluster; return the best model and the history.
+
+    `use_sff` trains the fully local mode: the brain is a learned softmax weighting
+    of the arms' local-classifier logits. The history holds the per-epoch metrics
+    (`epochs`), the results and `run_dir`.
+    """
+    if use_sff:
+        config = dataclasses.replace(config, brain_mode="logit")
+    if not config.run_name:
+        config = dataclasses.replace(
+            config, run_name=time.strftime("%Y%m%d-%H%M%S-api")
+        )
+    if not config.git_revision:
+        config = dataclasses.replace(config, git_revision=training.git_revision())
+    run_dir = Path(config.output_dir) / config.run_name
+    run_dir.mkdir(parents=True, exist_ok=False)
+    results = training.train(config, run_dir, show_progress)
+    epochs = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    history = {"epochs": epochs, **results, "run_dir": str(run_dir)}
+    return load_run(run_dir), history

@@ -1,0 +1,31 @@
+"""Shared fixtures: the real datasets' directory. Torch runs on one CPU thread."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The unit tests use tiny tensors that gain nothing from intra-op threads, and one
+# thread keeps them from slowing a training run that shares the machine.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Directory with the real cifar10.npz: $OCTOPUSNET_DATA_DIR, else ../shared/data."""
+    candidates = [
+        os.environ.get("OCTOPUSNET_DATA_DIR"),
+        REPO.parent / "shared" / "data",
+    ]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "cifar10.npz").is_file():
+            return Path(candidate)
+    pytest.fail(
+        "cifar10.npz not found in $OCTOPUSNET_DATA_DIR or ../shared/data: set "
+        "OCTOPUSNET_DATA_DIR to the directory holding the real datasets"
+    )
