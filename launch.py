@@ -204,7 +204,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=defaults.brain_port,
         help="TCP port of the brain's ZeroMQ socket (0: any free port)",
     )
-    run.add_argument("--dashboard-port", type=int, default=defaults.dashboard_port)
+    run.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=defaults.dashboard_port,
+        help="port of the Ray dashboard on 127.0.0.1 (0: 8265, or a free port when "
+        "8265 is taken)",
+    )
     run.add_argument("--output-dir", default=defaults.output_dir)
     run.add_argument(
         "--run-name", default="", help="run directory name (default: time stamp)"
@@ -269,7 +275,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         if args.eval:
-            overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+            # Where and how to run may differ from training; the model's settings may not.
+            overrides = {
+                "dashboard_port": args.dashboard_port,
+                "address": args.address,
+                "brain_host": args.brain_host,
+                "brain_port": args.brain_port,
+                "cpus": args.cpus,
+                "gpus": args.gpus,
+                "device": args.device,
+            }
+            if args.data_dir:
+                overrides["data_dir"] = args.data_dir
             results = training.evaluate(Path(args.eval), overrides)
             print(json.dumps(results, indent=2))
             print(

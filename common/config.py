@@ -92,7 +92,7 @@ class RunConfig:
     address: str = ""  # empty starts a local Ray cluster on 127.0.0.1
     brain_host: str = "127.0.0.1"
     brain_port: int = 0  # 0 lets the OS pick a free port
-    dashboard_port: int = 8265
+    dashboard_port: int = 0  # 0: Ray's usual 8265, or any free port when that is taken
     stream_timeout_s: float = 600.0
     git_revision: str = field(default="", compare=False)
 
@@ -124,7 +124,7 @@ class RunConfig:
         _check_range("gpus", self.gpus, 0.0, 1024.0)
         _check_range("cpus", self.cpus, 0.0, 4096.0)
         _check_range("brain port", self.brain_port, 0, 65535)
-        _check_range("dashboard port", self.dashboard_port, 1, 65535)
+        _check_range("dashboard port", self.dashboard_port, 0, 65535)
         _check_range("stream timeout", self.stream_timeout_s, 1.0)
         if self.competition == "topk" and not 1 <= self.top_k <= self.arms:
             raise ConfigError(

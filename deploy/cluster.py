@@ -22,6 +22,7 @@ from common.datasets import DATASET_INFO, Dataset, split_indices
 log = logging.getLogger(__name__)
 
 ACTOR_START_TIMEOUT_S = 300.0
+DEFAULT_DASHBOARD_PORT = 8265
 
 
 class ClusterError(RuntimeError):
@@ -35,6 +36,12 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def check_gpus(requested: float) -> None:
@@ -71,13 +78,24 @@ class Cluster:
 
     def start(self) -> None:
         config = self.config
+        dashboard_port = config.dashboard_port
         if not config.address:
             check_gpus(config.gpus)
-            if not port_is_free(config.dashboard_port):
+            if dashboard_port == 0:
+                dashboard_port = DEFAULT_DASHBOARD_PORT
+                if not port_is_free(dashboard_port):
+                    dashboard_port = free_port()
+                    log.info(
+                        "the dashboard's usual port %d is in use (another Ray cluster?); "
+                        "using %d",
+                        DEFAULT_DASHBOARD_PORT,
+                        dashboard_port,
+                    )
+            elif not port_is_free(dashboard_port):
                 raise ClusterError(
-                    f"the Ray dashboard port {config.dashboard_port} on 127.0.0.1 is in "
-                    "use (another Ray cluster?): stop it with `ray stop`, or pass "
-                    "--dashboard-port"
+                    f"the Ray dashboard port {dashboard_port} on 127.0.0.1 is in use "
+                    "(another Ray cluster?): stop it with `ray stop`, or pass another "
+                    "--dashboard-port (0 picks a free one)"
                 )
         # Arms log lines that differ only in their numbers; Ray would fold them into one.
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -91,7 +109,7 @@ class Cluster:
                     num_gpus=int(config.gpus) if config.gpus else None,
                     include_dashboard=True,
                     dashboard_host="127.0.0.1",
-                    dashboard_port=config.dashboard_port,
+                    dashboard_port=dashboard_port,
                     log_to_driver=True,
                     runtime_env={
                         "env_vars": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,10 @@ def data_dir() -> Path:
         "cifar10.npz not found in $OCTOPUSNET_DATA_DIR or ../shared/data: set "
         "OCTOPUSNET_DATA_DIR to the directory holding the real datasets"
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

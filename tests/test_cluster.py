@@ -15,14 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.cluster
 
 
 def run_launch(args: list[str], timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """Run launch.py with a free dashboard port, so a user's own cluster is no obstacle."""
+    own_port = "--report" in args or "--dashboard-port" in args
+    port = [] if own_port else ["--dashboard-port", str(free_port())]
     return subprocess.run(
-        [sys.executable, str(REPO / "launch.py"), *args],
+        [sys.executable, str(REPO / "launch.py"), *args, *port],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -191,4 +195,44 @@ def test_brain_port_in_use_rejected(tmp_path, data_dir):
     assert result.returncode == 2
     assert f"tcp://127.0.0.1:{port}" in result.stderr
     assert "--brain-port" in result.stderr
+    assert wait_for_no_ray() == []
+
+
+def test_report_figures_written(trained_run):
+    _, run_dir = trained_run
+    result = run_launch(["--report", str(run_dir)], timeout_s=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = (run_dir / "report.md").read_text()
+    for figure in [
+        "arm_training.png",
+        "validation.png",
+        "arm_class_accuracy.png",
+        "class_attention.png",
+    ]:
+        path = run_dir / figure
+        assert path.stat().st_size > 10_000, figure
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+        assert f"({figure})" in report
+    assert "git revision" in report
+    assert "test accuracy" in report
+
+
+def test_dashboard_port_in_use_rejected(tmp_path, data_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_launch(
+            [
+                "--data-dir",
+                str(data_dir),
+                "--output-dir",
+                str(tmp_path),
+                "--dashboard-port",
+                str(port),
+            ],
+            timeout_s=120,
+        )
+    assert result.returncode == 2
+    assert f"dashboard port {port}" in result.stderr
     assert wait_for_no_ray() == []
