@@ -264,6 +264,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Decided before Ray starts, because Ray's log forwarding wraps sys.stderr.
+    show_progress = not args.quiet and sys.stderr.isatty()
     setup_logging(args.log_level)
     try:
         from deploy import training
@@ -299,12 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(config.output_dir) / config.run_name
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(
-                f"run directory {run_dir} already holds a run: pick another --run-name"
+                f"run directory {run_dir} already contains a run: pick another --run-name"
             )
         run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(args.log_level, run_dir / "run.log")
         log.info("run directory %s", run_dir.resolve())
-        results = training.train(config, run_dir, False if args.quiet else None)
+        results = training.train(config, run_dir, show_progress)
     except KeyboardInterrupt:
         print("interrupted: every actor was stopped", file=sys.stderr)
         return 130
@@ -312,6 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("failure", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        import ray.exceptions
+
+        if not isinstance(err, ray.exceptions.RayError):
+            raise
+        log.debug("actor failure", exc_info=True)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        print(
+            f"error: an actor failed and the run stopped ({type(err).__name__}: "
+            f"{first_line}). Every actor was stopped; checkpoints of finished epochs "
+            "are in the run directory. Details are in run.log with --log-level DEBUG",
+            file=sys.stderr,
+        )
+        return 1
 
     print(
         f"best epoch {results['best_epoch']}: validation accuracy "

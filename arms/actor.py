@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def epoch_order(indices: np.ndarray, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled order of `indices` for an epoch; identical in every process."""
+    """Shuffle `indices` for an epoch, the same way in every process."""
     return indices[np.random.default_rng([seed, epoch]).permutation(len(indices))]
 
 
@@ -92,8 +93,11 @@ class ArmActor:
         self.epoch = 0
         self._progress = {"epoch": 0, "phase": "ready", "step": 0, "total": 0}
         self.telemetry = ArmTelemetry(arm_id)
-        if ray.get_runtime_context().was_current_actor_reconstructed:
-            self.telemetry.restarted()
+        with warnings.catch_warnings():
+            # Ray 2.60 warns about its own internal use of a deprecated property here.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if ray.get_runtime_context().was_current_actor_reconstructed:
+                self.telemetry.restarted()
 
         self.context = zmq.Context()
         self.push = self.context.socket(zmq.PUSH)
@@ -131,7 +135,7 @@ class ArmActor:
         return os.getpid()
 
     def progress(self) -> dict:
-        """Current phase, step and latest metrics; answered while the arm trains."""
+        """Return the current phase, step and latest metrics, also while the arm trains."""
         return dict(self._progress)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:

@@ -121,7 +121,7 @@ class LocalArm(nn.Module):
         labels: torch.Tensor,
         autocast_dtype: torch.dtype | None,
     ) -> dict[str, float]:
-        """One local update on images in [0, 1] at this arm's resolution."""
+        """Run one local update on images in [0, 1] at this arm's resolution."""
         assert self.optimizer is not None, "call configure_optimizer first"
         self.train()
         device_type = images.device.type

@@ -93,7 +93,7 @@ class BrainActor:
         return os.getpid()
 
     def progress(self) -> dict:
-        """Current phase and gathered batches; answered while the brain gathers."""
+        """Return the current phase and gathered batch count, also while the brain gathers."""
         return dict(self._progress)
 
     def _receive(self, stream_id: str, arm_ids: tuple[int, ...], expected: int = 0):

@@ -47,7 +47,7 @@ KEYS = ("x_train", "y_train", "x_test", "y_test", "class_names")
 
 
 class DatasetError(RuntimeError):
-    """A dataset is missing, unreadable or malformed; the message says how to fix it."""
+    """A dataset is missing, unreadable or malformed. The message tells how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Dataset:
 
 
 def default_data_dir() -> str:
-    """The data directory named by the environment, else `data`."""
+    """Return the data directory named by $OCTOPUSNET_DATA_DIR, else `data`."""
     return os.environ.get(DATA_DIR_ENV, "data")
 
 
@@ -150,7 +150,7 @@ def _validated(name: str, arrays: dict, source: str) -> Dataset:
             )
         if y.shape != (len(x),):
             raise DatasetError(
-                f"{source}: y_{split} has shape {y.shape}, but x_{split} holds {len(x)} images"
+                f"{source}: y_{split} has shape {y.shape}, but x_{split} contains {len(x)} images"
             )
         if len(y) and (y.min() < 0 or y.max() >= info.num_classes):
             raise DatasetError(

@@ -45,23 +45,23 @@ class ArmTelemetry:
 
 
 class BrainTelemetry:
-    """Batches the brain answers, their gathering latency, degraded ones, live arms."""
+    """Counters of the batches the brain processes, their latency, degraded batches and live arms."""
 
     def __init__(self):
         self.batches = metrics.Counter(
             "octopusnet_brain_batches",
-            description="Batches the brain answered (trained on or scored)",
+            description="Batches the brain processed (trained on or scored)",
             tag_keys=("split",),
         )
         self.latency = metrics.Histogram(
             "octopusnet_brain_batch_latency_ms",
-            description="Time from a batch's first arm output to its answer, in ms",
+            description="Time from a batch's first arm output until the brain has processed it, in ms",
             boundaries=LATENCY_BOUNDARIES_MS,
             tag_keys=("split",),
         )
         self.degraded = metrics.Counter(
             "octopusnet_brain_degraded_batches",
-            description="Batches answered without every arm",
+            description="Batches processed without every arm",
             tag_keys=("split",),
         )
         self.live_arms = metrics.Gauge(

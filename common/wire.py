@@ -40,7 +40,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
 
 
 class WireError(ValueError):
-    """A message could not be encoded or decoded; the message says which field failed."""
+    """A message could not be encoded or decoded. The error names the field that failed."""
 
 
 def encode(message_type: str, **fields: Any) -> bytes:

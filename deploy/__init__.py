@@ -1,0 +1,7 @@
+"""Running OctopusNet on Ray: cluster set-up, the epoch loop, reports and the API."""
+
+import os
+
+# Arms log progress lines that differ only in their numbers, which Ray's log
+# deduplication would fold into one. Ray reads this when it is first imported.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -115,7 +115,7 @@ def train(
     """Train `config` on a local Ray cluster; return the best model and the history.
 
     `use_sff` trains the fully local mode: the brain is a learned softmax weighting
-    of the arms' local-classifier logits. The history holds the per-epoch metrics
+    of the arms' local-classifier logits. The history contains the per-epoch metrics
     (`epochs`), the results and `run_dir`.
     """
     if use_sff:

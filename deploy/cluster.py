@@ -7,7 +7,6 @@ it started Ray itself, shuts Ray down, on success, on error and on Ctrl-C.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ log = logging.getLogger(__name__)
 
 ACTOR_START_TIMEOUT_S = 300.0
 DEFAULT_DASHBOARD_PORT = 8265
+DASHBOARD_ATTEMPTS = 3
 
 
 class ClusterError(RuntimeError):
@@ -69,6 +69,8 @@ class Cluster:
     arms: list = field(default_factory=list)
     split_sizes: dict[str, int] = field(default_factory=dict)
     actors: dict[str, object] = field(default_factory=dict)
+    session_dir: str = ""
+    process_ids: dict[str, int] = field(default_factory=dict)
 
     def __enter__(self) -> Cluster:
         return self
@@ -78,54 +80,17 @@ class Cluster:
 
     def start(self) -> None:
         config = self.config
-        dashboard_port = config.dashboard_port
-        if not config.address:
+        if config.address:
+            context = self._init(
+                lambda: ray.init(address=config.address, log_to_driver=True)
+            )
+        else:
             check_gpus(config.gpus)
-            if dashboard_port == 0:
-                dashboard_port = DEFAULT_DASHBOARD_PORT
-                if not port_is_free(dashboard_port):
-                    dashboard_port = free_port()
-                    log.info(
-                        "the dashboard's usual port %d is in use (another Ray cluster?); "
-                        "using %d",
-                        DEFAULT_DASHBOARD_PORT,
-                        dashboard_port,
-                    )
-            elif not port_is_free(dashboard_port):
-                raise ClusterError(
-                    f"the Ray dashboard port {dashboard_port} on 127.0.0.1 is in use "
-                    "(another Ray cluster?): stop it with `ray stop`, or pass another "
-                    "--dashboard-port (0 picks a free one)"
-                )
-        # Arms log lines that differ only in their numbers; Ray would fold them into one.
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        try:
-            if config.address:
-                context = ray.init(address=config.address, log_to_driver=True)
-            else:
-                context = ray.init(
-                    address="local",
-                    num_cpus=int(config.cpus) if config.cpus else None,
-                    num_gpus=int(config.gpus) if config.gpus else None,
-                    include_dashboard=True,
-                    dashboard_host="127.0.0.1",
-                    dashboard_port=dashboard_port,
-                    log_to_driver=True,
-                    runtime_env={
-                        "env_vars": {
-                            "OCTOPUSNET_LOG_LEVEL": logging.getLevelName(
-                                logging.getLogger().level
-                            )
-                        }
-                    },
-                )
-                self.started_ray = True
-        except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError
-            raise ClusterError(
-                f"Ray failed to {'join ' + config.address if config.address else 'start'}: "
-                f"{err}. Check `ray status`, or stop a stale cluster with `ray stop`"
-            ) from err
+            context = self._start_local()
+            self.started_ray = True
         self.dashboard_url = context.dashboard_url or ""
+        self.session_dir = context.address_info.get("session_dir", "")
+        log.info("Ray session %s", self.session_dir)
         if config.address:
             gpus = ray.cluster_resources().get("GPU", 0)
             if config.gpus > gpus:
@@ -133,6 +98,57 @@ class Cluster:
                     f"--gpus {config.gpus:g} asks for more GPUs than the cluster at "
                     f"{config.address} has ({gpus:g})"
                 )
+
+    def _init(self, init):
+        try:
+            return init()
+        except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError
+            where = "join " + self.config.address if self.config.address else "start"
+            raise ClusterError(
+                f"Ray failed to {where}: {err}. Check `ray status`, or stop a stale "
+                "cluster with `ray stop`"
+            ) from err
+
+    def _start_local(self):
+        """Start a local cluster on 127.0.0.1, with the dashboard on a free port.
+
+        With dashboard_port 0 the usual 8265 is tried first. Another process may take
+        a free port between the check and Ray's bind, so an automatic port is retried.
+        """
+        requested = self.config.dashboard_port
+        if requested and not port_is_free(requested):
+            raise ClusterError(
+                f"the Ray dashboard port {requested} on 127.0.0.1 is in use (another "
+                "Ray cluster?): stop it with `ray stop`, or pass another "
+                "--dashboard-port (0 picks a free one)"
+            )
+        level = logging.getLevelName(logging.getLogger().level)
+        port = requested or DEFAULT_DASHBOARD_PORT
+        for attempt in range(1, DASHBOARD_ATTEMPTS + 1):
+            if not requested and not port_is_free(port):
+                port = free_port()
+                log.info("the dashboard's usual port is in use; using %d", port)
+            try:
+                return ray.init(
+                    address="local",
+                    num_cpus=int(self.config.cpus) if self.config.cpus else None,
+                    num_gpus=int(self.config.gpus) if self.config.gpus else None,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=port,
+                    log_to_driver=True,
+                    runtime_env={"env_vars": {"OCTOPUSNET_LOG_LEVEL": level}},
+                )
+            except Exception as err:  # Ray raises RuntimeError, ConnectionError
+                ray.shutdown()
+                if requested or attempt == DASHBOARD_ATTEMPTS or "port" not in str(err):
+                    raise ClusterError(
+                        f"Ray failed to start with its dashboard on 127.0.0.1:{port}: "
+                        f"{err}. Check `ray status`, or stop a stale cluster with `ray stop`"
+                    ) from err
+                log.warning("Ray failed to start (%s); retrying on another port", err)
+                port = free_port()
+        raise AssertionError("unreachable")
 
     def cpus(self) -> float:
         return self.config.cpus or ray.cluster_resources().get("CPU", 1.0)
@@ -171,12 +187,15 @@ class Cluster:
             .remote(config_dict, info.num_classes, labels_ref, run_dir)
         )
         endpoint = self._get(self.brain.endpoint.remote(), "the brain")
+        self.process_ids["brain"] = self._get(
+            self.brain.process_id.remote(), "the brain"
+        )
         for arm_id in range(config.arms):
             actor = (
                 ray.remote(ArmActor)
                 .options(
                     name=f"arm-{arm_id}",
-                    # A second thread answers progress() while the first trains.
+                    # A second thread serves progress() while the first trains.
                     max_concurrency=2,
                     num_cpus=cpu_share,
                     num_gpus=config.gpus / config.arms if config.gpus else 0,
@@ -184,7 +203,12 @@ class Cluster:
                 .remote(config_dict, arm_id, data_ref, run_dir, threads, endpoint)
             )
             self.arms.append(actor)
-        self._get([arm.process_id.remote() for arm in self.arms], "the arms")
+        arm_pids = self._get([arm.process_id.remote() for arm in self.arms], "the arms")
+        self.process_ids |= {f"arm-{i}": pid for i, pid in enumerate(arm_pids)}
+        log.info(
+            "actor processes: %s",
+            " ".join(f"{name}={pid}" for name, pid in self.process_ids.items()),
+        )
         self.actors = {"brain": self.brain} | {
             f"arm-{i}": arm for i, arm in enumerate(self.arms)
         }

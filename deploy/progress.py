@@ -8,7 +8,6 @@ or with `--quiet`, no bars are drawn and the actors' own log lines remain.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 
 import ray
@@ -22,9 +21,9 @@ POLL_INTERVAL_S = 1.0
 class ProgressBoard:
     """Draw a bar per actor while the context is open; do nothing when disabled."""
 
-    def __init__(self, actors: dict[str, object], enabled: bool | None = None):
+    def __init__(self, actors: dict[str, object], enabled: bool):
         self.actors = actors
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.enabled = enabled
         self.bars: dict[str, tqdm] = {}
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
@@ -52,16 +51,20 @@ class ProgressBoard:
             bar.close()
 
     def _poll(self) -> None:
-        names = list(self.actors)
         while not self.stop_event.wait(POLL_INTERVAL_S):
-            refs = [self.actors[name].progress.remote() for name in names]
-            try:
-                reports = ray.get(refs, timeout=10)
-            except (ray.exceptions.RayError, TimeoutError) as err:
-                log.debug("progress poll failed: %s", err)
-                continue
-            for name, report in zip(names, reports, strict=True):
-                self._update(self.bars[name], report)
+            self._poll_once()
+        self._poll_once()  # the final state, so finished bars do not stop short
+
+    def _poll_once(self) -> None:
+        names = list(self.actors)
+        refs = [self.actors[name].progress.remote() for name in names]
+        try:
+            reports = ray.get(refs, timeout=10)
+        except (ray.exceptions.RayError, TimeoutError) as err:
+            log.debug("progress poll failed: %s", err)
+            return
+        for name, report in zip(names, reports, strict=True):
+            self._update(self.bars[name], report)
 
     @staticmethod
     def _update(bar: tqdm, report: dict) -> None:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def git_revision() -> str:
-    """The repository's commit, with `-dirty` when the work tree has changes."""
+    """Return the repository commit, with `-dirty` when the work tree has changes."""
     root = Path(__file__).resolve().parent.parent
     try:
         revision = subprocess.run(
@@ -120,7 +120,7 @@ def run_epochs(cluster: Cluster, metrics_path: Path) -> tuple[dict, list[float]]
     return best, epoch_seconds
 
 
-def train(config: RunConfig, run_dir: Path, show_progress: bool | None = None) -> dict:
+def train(config: RunConfig, run_dir: Path, show_progress: bool = False) -> dict:
     """Train a run into `run_dir` and return its results (also written to results.json)."""
     data = load_dataset(config.dataset, config.data_dir, config.download)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")

@@ -7,6 +7,7 @@ what it prints, what it writes, and that no Ray or arm process is left behind.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -34,21 +35,27 @@ def run_launch(args: list[str], timeout_s: float = 600) -> subprocess.CompletedP
     )
 
 
-def ray_processes() -> list[str]:
-    """Command lines of Ray workers, raylets and GCS servers still running."""
+def leftover_processes(stderr: str) -> list[str]:
+    """Processes of the Ray cluster and actors that a launch.py run reported."""
+    sessions = re.findall(r"Ray session (\S+)", stderr)
+    pids = {int(pid) for pid in re.findall(r"(?:brain|arm-\d+)=(\d+)", stderr)}
     out = subprocess.run(
-        ["ps", "-eo", "pid,args"], capture_output=True, text=True
+        ["ps", "-eo", "pid=,args="], capture_output=True, text=True
     ).stdout
-    markers = ("ray::", "raylet", "gcs_server", "ArmActor", "BrainActor")
-    return [line for line in out.splitlines() if any(m in line for m in markers)]
+    left = []
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if int(pid) in pids or any(session in args for session in sessions):
+            left.append(line.strip()[:200])
+    return left
 
 
-def wait_for_no_ray(timeout_s: float = 30.0) -> list[str]:
+def wait_for_no_leftovers(stderr: str, timeout_s: float = 30.0) -> list[str]:
     deadline = time.monotonic() + timeout_s
-    left = ray_processes()
+    left = leftover_processes(stderr)
     while left and time.monotonic() < deadline:
         time.sleep(0.5)
-        left = ray_processes()
+        left = leftover_processes(stderr)
     return left
 
 
@@ -119,7 +126,10 @@ def test_run_directory_written(trained_run):
 
 
 def test_no_ray_process_left(trained_run):
-    assert wait_for_no_ray() == []
+    result, _ = trained_run
+    assert "Ray session" in result.stderr
+    assert len(re.findall(r"(?:brain|arm-\d+)=\d+", result.stderr)) == 5
+    assert wait_for_no_leftovers(result.stderr) == []
 
 
 def test_eval_reproduces_test_accuracy(trained_run, data_dir):
@@ -131,7 +141,8 @@ def test_eval_reproduces_test_accuracy(trained_run, data_dir):
     assert evaluated["test_accuracy"] == pytest.approx(
         results["test_accuracy"], abs=1e-9
     )
-    assert wait_for_no_ray() == []
+    assert "Ray session" in result.stderr
+    assert wait_for_no_leftovers(result.stderr) == []
 
 
 def test_eval_rejects_corrupted_checkpoint(trained_run, data_dir, tmp_path):
@@ -143,7 +154,8 @@ def test_eval_rejects_corrupted_checkpoint(trained_run, data_dir, tmp_path):
     assert result.returncode == 2
     assert "arm-2-best.pt" in result.stderr
     assert "corrupted" in result.stderr
-    assert wait_for_no_ray() == []
+    assert "Ray session" in result.stderr
+    assert wait_for_no_leftovers(result.stderr) == []
 
 
 @pytest.mark.parametrize(
@@ -163,7 +175,7 @@ def test_bad_input_rejected(args, expected, tmp_path, data_dir):
     result = run_launch([*base, *args], timeout_s=120)
     assert result.returncode == 2
     assert expected in result.stderr
-    assert wait_for_no_ray() == []
+    assert "Ray session" not in result.stderr  # rejected before Ray starts
 
 
 def test_unknown_dataset_rejected(tmp_path):
@@ -195,7 +207,8 @@ def test_brain_port_in_use_rejected(tmp_path, data_dir):
     assert result.returncode == 2
     assert f"tcp://127.0.0.1:{port}" in result.stderr
     assert "--brain-port" in result.stderr
-    assert wait_for_no_ray() == []
+    assert "Ray session" in result.stderr
+    assert wait_for_no_leftovers(result.stderr) == []
 
 
 def test_report_figures_written(trained_run):
@@ -235,4 +248,5 @@ def test_dashboard_port_in_use_rejected(tmp_path, data_dir):
         )
     assert result.returncode == 2
     assert f"dashboard port {port}" in result.stderr
-    assert wait_for_no_ray() == []
+    assert "Ray session" in result.stderr
+    assert wait_for_no_leftovers(result.stderr) == []

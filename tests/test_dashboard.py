@@ -9,7 +9,6 @@ import urllib.request
 import pytest
 import ray
 from conftest import free_port
-from ray.util.state import list_actors
 
 from common.config import RunConfig
 from common.datasets import load_dataset
@@ -62,9 +61,10 @@ def cluster(tmp_path_factory, data_dir):
         yield running
 
 
-def test_actors_named(cluster):
-    names = {a.name for a in list_actors(filters=[("state", "=", "ALIVE")])}
-    assert {"brain", "arm-0", "arm-1", "arm-2", "arm-3"} <= names
+@pytest.mark.parametrize("name", ["brain", "arm-0", "arm-1", "arm-2", "arm-3"])
+def test_actor_named(cluster, name):
+    actor = ray.get_actor(name)
+    assert ray.get(actor.process_id.remote()) == cluster.process_ids[name]
 
 
 def test_custom_metrics_scraped(cluster):
