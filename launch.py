@@ -32,8 +32,9 @@ log = logging.getLogger("launch")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = RunConfig()
     parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train OctopusNet: arms as Ray actors with local Forward-Forward "
-        "training, a brain that gathers their outputs over ZeroMQ."
+        "training, a brain that gathers their outputs over ZeroMQ.",
     )
     parser.add_argument(
         "--eval", metavar="RUN_DIR", help="evaluate a saved run instead of training"
@@ -153,11 +154,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fully local mode, the same as --brain-mode logit",
     )
     brain.add_argument(
-        "--competition", default=defaults.competition, choices=COMPETITIONS
+        "--competition",
+        default=defaults.competition,
+        choices=COMPETITIONS,
+        help="how the coordinator weighs the arms: softmax, top-k softmax, or hard Gumbel (argmax at evaluation)",
     )
-    brain.add_argument("--top-k", type=int, default=defaults.top_k)
-    brain.add_argument("--no-nerve-ring", action="store_true")
-    brain.add_argument("--brain-lr", type=float, default=defaults.brain_lr)
+    brain.add_argument(
+        "--top-k",
+        type=int,
+        default=defaults.top_k,
+        help="arms kept by --competition topk",
+    )
+    brain.add_argument(
+        "--no-nerve-ring",
+        action="store_true",
+        help="skip the attention across arm vectors",
+    )
+    brain.add_argument(
+        "--brain-lr",
+        type=float,
+        default=defaults.brain_lr,
+        help="brain's AdamW learning rate",
+    )
     brain.add_argument(
         "--brain-passes",
         type=int,
@@ -166,10 +184,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
 
     run = parser.add_argument_group("run")
-    run.add_argument("--epochs", type=int, default=defaults.epochs)
-    run.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    run.add_argument("--seed", type=int, default=defaults.seed)
-    run.add_argument("--device", default=defaults.device, choices=DEVICES)
+    run.add_argument(
+        "--epochs",
+        type=int,
+        default=defaults.epochs,
+        help="training epochs (arms and brain)",
+    )
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="images per batch, in training and in streaming",
+    )
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed of the validation split, weights and batch order",
+    )
+    run.add_argument(
+        "--device",
+        default=defaults.device,
+        choices=DEVICES,
+        help="auto: cuda when an arm sees a GPU, else cpu",
+    )
     run.add_argument(
         "--precision",
         default=defaults.precision,
@@ -196,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument(
         "--brain-host",
         default=defaults.brain_host,
-        help="address the brain's ZeroMQ socket binds (not 127.0.0.1 only with --address)",
+        help="address the brain's ZeroMQ socket binds; anything but 127.0.0.1 needs --address",
     )
     run.add_argument(
         "--brain-port",
@@ -211,7 +249,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="port of the Ray dashboard on 127.0.0.1 (0: 8265, or a free port when "
         "8265 is taken)",
     )
-    run.add_argument("--output-dir", default=defaults.output_dir)
+    run.add_argument(
+        "--output-dir",
+        default=defaults.output_dir,
+        help="directory that receives run directories",
+    )
     run.add_argument(
         "--run-name", default="", help="run directory name (default: time stamp)"
     )
@@ -223,7 +265,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
     return RunConfig(
         dataset=args.dataset,
-        data_dir=args.data_dir or default_data_dir(),
+        # Absolute, so that --eval finds the data from any working directory.
+        data_dir=str(Path(args.data_dir or default_data_dir()).resolve()),
         download=args.download,
         val_size=args.val_size,
         train_limit=args.train_limit,
@@ -299,13 +342,6 @@ def main(argv: list[str] | None = None) -> int:
 
         config = build_config(args)
         run_dir = Path(config.output_dir) / config.run_name
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(
-                f"run directory {run_dir} already contains a run: pick another --run-name"
-            )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(args.log_level, run_dir / "run.log")
-        log.info("run directory %s", run_dir.resolve())
         results = training.train(config, run_dir, show_progress)
     except KeyboardInterrupt:
         print("interrupted: every actor was stopped", file=sys.stderr)
@@ -319,12 +355,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(err, ray.exceptions.RayError):
             raise
-        log.debug("actor failure", exc_info=True)
+        log.error("actor failure", exc_info=True)
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         print(
             f"error: an actor failed and the run stopped ({type(err).__name__}: "
             f"{first_line}). Every actor was stopped; checkpoints of finished epochs "
-            "are in the run directory. Details are in run.log with --log-level DEBUG",
+            "are in the run directory, and the traceback in its run.log",
             file=sys.stderr,
         )
         return 1

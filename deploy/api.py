@@ -127,7 +127,6 @@ def train(
     if not config.git_revision:
         config = dataclasses.replace(config, git_revision=training.git_revision())
     run_dir = Path(config.output_dir) / config.run_name
-    run_dir.mkdir(parents=True, exist_ok=False)
     results = training.train(config, run_dir, show_progress)
     epochs = [
         json.loads(line)

@@ -144,7 +144,7 @@ class Cluster:
                 if requested or attempt == DASHBOARD_ATTEMPTS or "port" not in str(err):
                     raise ClusterError(
                         f"Ray failed to start with its dashboard on 127.0.0.1:{port}: "
-                        f"{err}. Check `ray status`, or stop a stale cluster with `ray stop`"
+                        f"{err}. Retry, or name a free port with --dashboard-port"
                     ) from err
                 log.warning("Ray failed to start (%s); retrying on another port", err)
                 port = free_port()

@@ -8,6 +8,7 @@ accuracy is kept, and the test split is scored once, at the end, with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import ray
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.datasets import load_dataset
-from deploy.cluster import Cluster
+from common.logs import FORMAT
+from deploy.cluster import Cluster, check_gpus
 from deploy.progress import ProgressBoard
 
 log = logging.getLogger(__name__)
@@ -120,10 +122,49 @@ def run_epochs(cluster: Cluster, metrics_path: Path) -> tuple[dict, list[float]]
     return best, epoch_seconds
 
 
+def create_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"run directory {run_dir} already contains a run: pick another --run-name"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def run_log(path: Path):
+    """Copy every log record of the run into `path` while the context is open."""
+    root = logging.getLogger()
+    level = root.level
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    # A Python API caller may not have configured logging; the run log still gets INFO.
+    root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
 def train(config: RunConfig, run_dir: Path, show_progress: bool = False) -> dict:
-    """Train a run into `run_dir` and return its results (also written to results.json)."""
+    """Train a run into `run_dir` and return its results (also written to results.json).
+
+    The data and the GPUs are checked before `run_dir` is created, so a run that
+    cannot start leaves nothing behind.
+    """
     data = load_dataset(config.dataset, config.data_dir, config.download)
+    if not config.address:
+        check_gpus(config.gpus)
+    create_run_dir(run_dir)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    with run_log(run_dir / "run.log"):
+        log.info("run directory %s", run_dir.resolve())
+        return _train(config, data, run_dir, show_progress)
+
+
+def _train(config: RunConfig, data, run_dir: Path, show_progress: bool) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
     started = time.perf_counter()
 
