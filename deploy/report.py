@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from common.datasets import DATASET_INFO  # noqa: E402
 
@@ -67,6 +68,7 @@ def plot_arm_training(epochs: list[dict], path: Path) -> None:
     )
     ax_sep.axhline(0, color="grey", lw=0.8)
     for ax in (ax_loss, ax_sep):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -82,6 +84,7 @@ def plot_validation(epochs: list[dict], num_classes: int, path: Path) -> None:
         accuracy = [e["val_arm_accuracy"][arm] for e in epochs]
         ax.plot(x, accuracy, marker=".", ls="--", label=f"arm {arm} alone")
     ax.axhline(1 / num_classes, color="grey", ls=":", label="chance")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(
         title="Validation accuracy per epoch",
         xlabel="epoch",
@@ -163,7 +166,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"# Run report: {run_dir.name}",
         "",
         f"- dataset {config['dataset']}, {arms} arms ({config['arm_type']}), "
-        f"{len(epochs)} epochs, seed {config['seed']}",
+        f"{len(epochs)} epoch{'s' if len(epochs) > 1 else ''}, seed {config['seed']}",
         f"- git revision `{config.get('git_revision') or 'unknown'}`",
         f"- best epoch {results['best_epoch']} by validation accuracy "
         f"{results['best_val_accuracy']:.4f}",
