@@ -119,8 +119,7 @@ class Cluster:
         if requested and not port_is_free(requested):
             raise ClusterError(
                 f"the Ray dashboard port {requested} on 127.0.0.1 is in use (another "
-                "Ray cluster?): stop it with `ray stop`, or pass another "
-                "--dashboard-port (0 picks a free one)"
+                "Ray cluster?): pass another --dashboard-port, or 0 to pick a free one"
             )
         level = logging.getLevelName(logging.getLogger().level)
         port = requested or DEFAULT_DASHBOARD_PORT
