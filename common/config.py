@@ -7,6 +7,7 @@ The launcher builds it from the command line; actors receive it as a plain dict
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
@@ -37,6 +38,8 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_range(
     name: str, value: float, low: float, high: float | None = None
 ) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"invalid {name} {value!r}: it must be a finite number")
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise ConfigError(f"invalid {name} {value!r}: it must be {bound}")
@@ -117,12 +120,18 @@ class RunConfig:
         _check_range("weight decay", self.weight_decay, 0.0, 1.0)
         _check_range("goodness scale", self.goodness_scale, 1e-3, 1e3)
         _check_range("label strength", self.label_strength, 0.0, 1.0)
+        _check_range("threshold", self.threshold, 0.0, 1e3)
         _check_range("gumbel tau", self.gumbel_tau, 1e-3, 100.0)
         _check_range("heads", self.heads, 1, 64)
         _check_range("brain passes", self.brain_passes, 1, 100)
         _check_range("dropout", self.dropout, 0.0, 0.99)
         _check_range("gpus", self.gpus, 0.0, 1024.0)
         _check_range("cpus", self.cpus, 0.0, 4096.0)
+        if 0 < self.cpus < 1 or self.cpus != int(self.cpus):
+            raise ConfigError(
+                f"invalid cpus {self.cpus!r}: a local Ray cluster takes a whole number "
+                "of CPUs (0 uses all of them)"
+            )
         _check_range("brain port", self.brain_port, 0, 65535)
         _check_range("dashboard port", self.dashboard_port, 0, 65535)
         _check_range("stream timeout", self.stream_timeout_s, 1.0)

@@ -111,3 +111,15 @@ def test_config_frozen():
 
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.arms = 2
+
+
+@pytest.mark.parametrize("field", ["lr", "brain_lr", "goodness_scale", "threshold"])
+def test_config_rejects_nan(field):
+    with pytest.raises(ConfigError, match="finite"):
+        RunConfig(**{field: float("nan")})
+
+
+@pytest.mark.parametrize("cpus", [0.5, 1.5])
+def test_config_rejects_fractional_cpus(cpus):
+    with pytest.raises(ConfigError, match="whole number of CPUs"):
+        RunConfig(cpus=cpus)
