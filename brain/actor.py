@@ -133,6 +133,7 @@ class BrainActor:
                 if message["type"] == wire.END_OF_STREAM:
                     gatherer.finish(message["arm_id"], message["batches"])
                     continue
+                self._check_output(message, stream_id)
                 batch = gatherer.add(message)
             except GatherError as err:
                 self._drop(str(err))
@@ -157,6 +158,43 @@ class BrainActor:
         if self.dropped_messages <= 10 or self.dropped_messages % 1000 == 0:
             log.warning(
                 "brain dropped a message (%d so far): %s", self.dropped_messages, reason
+            )
+
+    def _check_output(self, message: dict, stream_id: str) -> None:
+        """Raise GatherError unless an arm output's shapes and indices fit this run."""
+        indices, features, logits = (
+            message["indices"],
+            message["features"],
+            message["logits"],
+        )
+        rows = len(indices)
+        expected = {
+            "indices": (rows,),
+            "features": (rows, self.config.bottleneck),
+            "logits": (rows, self.model.num_classes),
+        }
+        for name, shape in expected.items():
+            if message[name].shape != shape:
+                raise GatherError(
+                    f"arm {message['arm_id']} batch {message['batch_id']}: {name} has "
+                    f"shape {message[name].shape}, expected {shape}"
+                )
+        if (
+            indices.dtype.kind != "i"
+            or features.dtype.kind != "f"
+            or logits.dtype.kind != "f"
+        ):
+            raise GatherError(
+                f"arm {message['arm_id']} batch {message['batch_id']}: dtypes "
+                f"{indices.dtype}/{features.dtype}/{logits.dtype}, expected integer "
+                "indices and floating-point features and logits"
+            )
+        split = stream_id.split(":")[0]
+        count = len(self.labels["y_test" if split == "test" else "y_train"])
+        if rows == 0 or indices.min() < 0 or indices.max() >= count:
+            raise GatherError(
+                f"arm {message['arm_id']} batch {message['batch_id']}: image indices "
+                f"outside 0..{count - 1} of the {split} split, or an empty batch"
             )
 
     def _tensors(self, batch: Batch, split: str):

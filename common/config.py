@@ -156,12 +156,29 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> RunConfig:
+        """Build a config from a dict, such as a run's config.json, checking every type."""
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"a config must be a JSON object of options, got {type(values).__name__}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
                 f"unknown config keys {unknown}: the known keys are {sorted(known)}"
             )
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            value, kind = values[f.name], type(f.default)
+            # JSON has one number type, so whole numbers may stand for float fields.
+            allowed = (int, float) if kind is float else (kind,)
+            if not isinstance(value, allowed) or (
+                kind is not bool and isinstance(value, bool)
+            ):
+                raise ConfigError(
+                    f"invalid config value {f.name}={value!r}: expected {kind.__name__}"
+                )
         return cls(**values)
 
     def arm_resolution(self, arm_id: int, image_size: int) -> int:

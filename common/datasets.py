@@ -105,6 +105,12 @@ def _load_npz(name: str, path: Path) -> Dataset:
         raise DatasetError(
             f"cannot read {path}: {err}. Replace the file with an intact copy"
         ) from err
+    except MemoryError as err:
+        # A corrupted header can declare an array far larger than the file.
+        raise DatasetError(
+            f"{path} declares an array too large for memory ({err}); the file is "
+            "corrupted or not a dataset of this format: replace it with an intact copy"
+        ) from err
     return _validated(name, arrays, str(path))
 
 

@@ -9,6 +9,7 @@ accuracy is kept, and the test split is scored once, at the end, with it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import subprocess
@@ -213,7 +214,7 @@ def evaluate(run_dir: Path, overrides: dict) -> dict:
         raise ValueError(
             f"{config_path} is not valid JSON ({err}); restore it"
         ) from err
-    config = RunConfig.from_dict({**values, **overrides})
+    config = dataclasses.replace(RunConfig.from_dict(values), **overrides)
     data = load_dataset(config.dataset, config.data_dir, config.download)
     with Cluster(config) as cluster:
         cluster.start()

@@ -123,3 +123,12 @@ def test_config_rejects_nan(field):
 def test_config_rejects_fractional_cpus(cpus):
     with pytest.raises(ConfigError, match="whole number of CPUs"):
         RunConfig(cpus=cpus)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[1], {"lr": None}, {"arms": "4"}, {"epochs": 2.5}, {"nerve_ring": 1}],
+)
+def test_from_dict_rejects_wrong_types(values):
+    with pytest.raises(ConfigError):
+        RunConfig.from_dict(values)
