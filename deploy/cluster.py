@@ -86,8 +86,9 @@ class Cluster:
             )
         else:
             check_gpus(config.gpus)
-            context = self._start_local()
+            # Set first: a Ctrl-C inside ray.init still shuts down what it started.
             self.started_ray = True
+            context = self._start_local()
         self.dashboard_url = context.dashboard_url or ""
         self.session_dir = context.address_info.get("session_dir", "")
         log.info("Ray session %s", self.session_dir)
@@ -236,17 +237,17 @@ class Cluster:
 
     def stop(self) -> None:
         """Kill every actor this run created; shut Ray down if this run started it."""
-        if not ray.is_initialized():
-            return
-        for actor in [*self.arms, self.brain]:
-            if actor is not None:
+        if ray.is_initialized():
+            for actor in [*self.arms, self.brain]:
+                if actor is None:
+                    continue
                 try:
                     ray.kill(actor, no_restart=True)
-                except (
-                    Exception
-                ) as err:  # already dead actors raise; nothing is left to do
+                except Exception as err:  # an actor that already died raises here
                     log.debug("kill failed: %s", err)
         self.arms, self.brain, self.actors = [], None, {}
         if self.started_ray:
+            # Also after an interrupted ray.init, which may have started processes.
             ray.shutdown()
+            self.started_ray = False
             log.info("stopped the local Ray cluster")
