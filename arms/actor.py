@@ -74,11 +74,13 @@ class ArmActor:
         run_dir: str,
         threads: int,
         brain_endpoint: str,
+        token: str,
     ):
         self.config = RunConfig.from_dict(config)
         setup_logging(os.environ.get("OCTOPUSNET_LOG_LEVEL", "INFO"))
         torch.set_num_threads(threads)
         self.arm_id = arm_id
+        self.token = token
         self.data = data
         self.run_dir = Path(run_dir)
         self.info = DATASET_INFO[self.config.dataset]
@@ -239,6 +241,7 @@ class ArmActor:
             )
             frame = wire.encode(
                 wire.ARM_OUTPUT,
+                token=self.token,
                 arm_id=self.arm_id,
                 stream_id=stream_id,
                 batch_id=batches,
@@ -251,6 +254,7 @@ class ArmActor:
         self._send(
             wire.encode(
                 wire.END_OF_STREAM,
+                token=self.token,
                 arm_id=self.arm_id,
                 stream_id=stream_id,
                 batches=batches,

@@ -6,6 +6,7 @@ plain arrays, so no gradient can reach an arm), evaluates and checkpoints.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import random
@@ -43,6 +44,7 @@ class BrainActor:
         num_classes: int,
         labels: dict[str, np.ndarray],
         run_dir: str,
+        token: str,
         threads: int = 1,
     ):
         self.config = RunConfig.from_dict(config)
@@ -51,6 +53,7 @@ class BrainActor:
         torch.manual_seed(self.config.seed)
         self.rng = random.Random(self.config.seed)
         self.labels = labels
+        self.token = token
         self.run_dir = Path(run_dir)
         self.model = build_brain(self.config, num_classes)
         parameters = list(self.model.parameters())
@@ -121,6 +124,9 @@ class BrainActor:
                 message = wire.decode(frame)
             except wire.WireError as err:
                 self._drop(f"malformed message: {err}")
+                continue
+            if not hmac.compare_digest(message["token"], self.token):
+                self._drop(f"{message['type']} from outside this run (wrong token)")
                 continue
             if message["type"] == wire.HEARTBEAT:
                 continue

@@ -45,6 +45,19 @@ def _check_range(
         raise ConfigError(f"invalid {name} {value!r}: it must be {bound}")
 
 
+def _check_types(config) -> None:
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), type(f.default)
+        # JSON has one number type, so whole numbers may stand for float fields.
+        allowed = (int, float) if kind is float else (kind,)
+        if not isinstance(value, allowed) or (
+            kind is not bool and isinstance(value, bool)
+        ):
+            raise ConfigError(
+                f"invalid config value {f.name}={value!r}: expected {kind.__name__}"
+            )
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; saved to `config.json` in the run directory."""
@@ -100,6 +113,7 @@ class RunConfig:
     git_revision: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("arm type", self.arm_type, ARM_TYPES)
         _check_choice("competition", self.competition, COMPETITIONS)
@@ -142,8 +156,9 @@ class RunConfig:
             )
         if self.nerve_ring and self.bottleneck % self.heads:
             raise ConfigError(
-                f"bottleneck {self.bottleneck} is not divisible by heads {self.heads}: "
-                "pick a bottleneck that is a multiple of --heads"
+                f"bottleneck {self.bottleneck} is not divisible by the {self.heads} "
+                "attention heads of the nerve ring: pick a bottleneck that is a "
+                "multiple of them"
             )
         if self.brain_host not in ("127.0.0.1", "localhost") and not self.address:
             raise ConfigError(
@@ -167,18 +182,6 @@ class RunConfig:
             raise ConfigError(
                 f"unknown config keys {unknown}: the known keys are {sorted(known)}"
             )
-        for f in dataclasses.fields(cls):
-            if f.name not in values:
-                continue
-            value, kind = values[f.name], type(f.default)
-            # JSON has one number type, so whole numbers may stand for float fields.
-            allowed = (int, float) if kind is float else (kind,)
-            if not isinstance(value, allowed) or (
-                kind is not bool and isinstance(value, bool)
-            ):
-                raise ConfigError(
-                    f"invalid config value {f.name}={value!r}: expected {kind.__name__}"
-                )
         return cls(**values)
 
     def arm_resolution(self, arm_id: int, image_size: int) -> int:

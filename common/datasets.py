@@ -154,6 +154,10 @@ def _validated(name: str, arrays: dict, source: str) -> Dataset:
                 f"{source}: x_{split} has shape {x.shape} and dtype {x.dtype}, but "
                 f"{name} needs (N, {expected[0]}, {expected[1]}, {expected[2]}) uint8"
             )
+        if y.dtype.kind not in "iu":
+            raise DatasetError(
+                f"{source}: y_{split} has dtype {y.dtype}, but labels must be integers"
+            )
         if y.shape != (len(x),):
             raise DatasetError(
                 f"{source}: y_{split} has shape {y.shape}, but x_{split} contains {len(x)} images"

@@ -16,6 +16,7 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_DIMENSION = 2**31 - 1  # per axis; NumPy rejects far larger shapes with ValueError
 ALLOWED_DTYPES = ("float32", "float16", "int64", "int32", "uint8", "bool")
 
 ARM_OUTPUT = "arm_output"
@@ -25,8 +26,11 @@ HEARTBEAT = "heartbeat"
 SPLITS = ("train", "val", "test")
 
 # Field name -> expected kind, per message type. "array" fields are NumPy arrays.
+# Every message carries the run's token, a random secret the launcher hands to its
+# actors, so the brain can drop frames that another process on the host sends.
 SCHEMAS: dict[str, dict[str, str]] = {
     ARM_OUTPUT: {
+        "token": "str",
         "arm_id": "int",
         "stream_id": "str",
         "batch_id": "int",
@@ -34,8 +38,19 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "features": "array",
         "logits": "array",
     },
-    END_OF_STREAM: {"arm_id": "int", "stream_id": "str", "batches": "int"},
-    HEARTBEAT: {"arm_id": "int", "time_s": "float", "epoch": "int", "state": "str"},
+    END_OF_STREAM: {
+        "token": "str",
+        "arm_id": "int",
+        "stream_id": "str",
+        "batches": "int",
+    },
+    HEARTBEAT: {
+        "token": "str",
+        "arm_id": "int",
+        "time_s": "float",
+        "epoch": "int",
+        "state": "str",
+    },
 }
 
 
@@ -180,7 +195,8 @@ def _decode_array(name: str, value: Any) -> np.ndarray:
         not isinstance(shape, list)
         or len(shape) > 8
         or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIMENSION
+            for d in shape
         )
     ):
         raise WireError(f"array field {name!r} has an invalid shape {_preview(shape)}")
@@ -195,7 +211,12 @@ def _decode_array(name: str, value: Any) -> np.ndarray:
             f"array field {name!r} has {len(data)} bytes, but dtype {dtype} and shape "
             f"{shape} need {expected}"
         )
-    array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    try:
+        array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    except ValueError as err:
+        raise WireError(
+            f"array field {name!r} with shape {shape} is invalid: {err}"
+        ) from err
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise WireError(f"array field {name!r} contains NaN or infinity")
     return array

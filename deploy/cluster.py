@@ -7,6 +7,7 @@ it started Ray itself, shuts Ray down, on success, on error and on Ctrl-C.
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 from dataclasses import dataclass, field
 
@@ -181,10 +182,13 @@ class Cluster:
         cpu_share = self.cpus() / config.arms
         threads = max(1, int(cpu_share))
         config_dict = config.to_dict()
+        # A fresh secret per run, passed through Ray (not the command line or the
+        # run directory), so the brain can tell this run's arms from other senders.
+        token = secrets.token_hex(16)
         self.brain = (
             ray.remote(BrainActor)
             .options(name="brain", num_cpus=0, max_concurrency=2)
-            .remote(config_dict, info.num_classes, labels_ref, run_dir)
+            .remote(config_dict, info.num_classes, labels_ref, run_dir, token)
         )
         endpoint = self._get(self.brain.endpoint.remote(), "the brain")
         self.process_ids["brain"] = self._get(
@@ -200,7 +204,9 @@ class Cluster:
                     num_cpus=cpu_share,
                     num_gpus=config.gpus / config.arms if config.gpus else 0,
                 )
-                .remote(config_dict, arm_id, data_ref, run_dir, threads, endpoint)
+                .remote(
+                    config_dict, arm_id, data_ref, run_dir, threads, endpoint, token
+                )
             )
             self.arms.append(actor)
         arm_pids = self._get([arm.process_id.remote() for arm in self.arms], "the arms")

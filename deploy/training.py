@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 
 from common.config import ConfigError, RunConfig
-from common.datasets import load_dataset
+from common.datasets import load_dataset, split_indices
 from common.logs import FORMAT
 from deploy.cluster import Cluster, check_gpus
 from deploy.progress import ProgressBoard
@@ -62,8 +62,13 @@ def stream_and_gather(cluster: Cluster, split: str, stream_id: str, epoch: int) 
         brain_ref = cluster.brain.evaluate_stream.remote(
             stream_id, split, arm_ids, expected
         )
-    arm_refs = [arm.stream.remote(split, stream_id) for arm in cluster.arms]
-    ray.get(arm_refs)
+    pending = [brain_ref] + [
+        arm.stream.remote(split, stream_id) for arm in cluster.arms
+    ]
+    # Wait on all of them at once, so a dead brain or arm fails the run at once.
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
     return ray.get(brain_ref)
 
 
@@ -123,6 +128,24 @@ def run_epochs(cluster: Cluster, metrics_path: Path) -> tuple[dict, list[float]]
     return best, epoch_seconds
 
 
+def check_sizes(config: RunConfig, data) -> None:
+    """Raise ConfigError unless every split has images to train, select and test on."""
+    train_idx, val_idx = split_indices(
+        len(data.x_train), config.val_size, config.seed, config.train_limit
+    )
+    if len(train_idx) < config.batch_size:
+        raise ConfigError(
+            f"{len(train_idx)} training images make no batch of {config.batch_size}: "
+            "raise --train-limit or lower --batch-size"
+        )
+    if not len(val_idx):
+        raise ConfigError(
+            "--val-size 0 leaves no validation images to choose the best epoch with"
+        )
+    if not len(data.x_test):
+        raise ConfigError(f"the {config.dataset} test split is empty: nothing to score")
+
+
 def create_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
@@ -156,13 +179,23 @@ def train(config: RunConfig, run_dir: Path, show_progress: bool = False) -> dict
     cannot start leaves nothing behind.
     """
     data = load_dataset(config.dataset, config.data_dir, config.download)
+    check_sizes(config, data)
     if not config.address:
         check_gpus(config.gpus)
+        if config.device == "cuda" and not config.gpus:
+            raise ConfigError("--device cuda needs GPUs for the arms: pass --gpus N")
     create_run_dir(run_dir)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     with run_log(run_dir / "run.log"):
         log.info("run directory %s", run_dir.resolve())
-        return _train(config, data, run_dir, show_progress)
+        try:
+            return _train(config, data, run_dir, show_progress)
+        except KeyboardInterrupt:
+            log.error("run interrupted; every actor was stopped")
+            raise
+        except Exception:
+            log.exception("run failed; every actor was stopped")
+            raise
 
 
 def _train(config: RunConfig, data, run_dir: Path, show_progress: bool) -> dict:

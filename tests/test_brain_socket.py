@@ -18,13 +18,14 @@ from common.config import RunConfig
 
 CLASSES = 10
 ROWS = 8
+TOKEN = "run-secret"
 
 
 @pytest.fixture
 def brain(tmp_path):
     config = RunConfig(arms=2, bottleneck=8, heads=4, stream_timeout_s=2.0)
     labels = {"y_train": np.arange(100) % CLASSES, "y_test": np.arange(50) % CLASSES}
-    actor = BrainActor(config.to_dict(), CLASSES, labels, str(tmp_path))
+    actor = BrainActor(config.to_dict(), CLASSES, labels, str(tmp_path), TOKEN)
     yield actor
     actor.close()
 
@@ -40,12 +41,21 @@ def push(brain):
     context.term()
 
 
-def output(arm_id, batch_id, stream_id="val:1", indices=None, dim=8, classes=CLASSES):
+def output(
+    arm_id,
+    batch_id,
+    stream_id="val:1",
+    indices=None,
+    dim=8,
+    classes=CLASSES,
+    token=TOKEN,
+):
     rng = np.random.default_rng(arm_id * 100 + batch_id)
     if indices is None:
         indices = np.arange(batch_id * ROWS, (batch_id + 1) * ROWS, dtype=np.int64)
     return wire.encode(
         wire.ARM_OUTPUT,
+        token=token,
         arm_id=arm_id,
         stream_id=stream_id,
         batch_id=batch_id,
@@ -57,7 +67,11 @@ def output(arm_id, batch_id, stream_id="val:1", indices=None, dim=8, classes=CLA
 
 def end(arm_id, batches, stream_id="val:1"):
     return wire.encode(
-        wire.END_OF_STREAM, arm_id=arm_id, stream_id=stream_id, batches=batches
+        wire.END_OF_STREAM,
+        token=TOKEN,
+        arm_id=arm_id,
+        stream_id=stream_id,
+        batches=batches,
     )
 
 
@@ -71,6 +85,20 @@ BAD_FRAMES = {
     "negative index": output(1, 5, indices=np.array([-1, 2], dtype=np.int64)),
     "wrong feature size": output(0, 6, dim=3),
     "wrong class count": output(1, 6, classes=4),
+    "forged by another process": output(1, 0, token="guessed"),
+    "huge dimension": msgpack.packb(
+        {
+            "v": wire.PROTOCOL_VERSION,
+            "type": wire.ARM_OUTPUT,
+            "token": TOKEN,
+            "arm_id": 0,
+            "stream_id": "val:1",
+            "batch_id": 9,
+            "indices": {"dtype": "int64", "shape": [0, 2**63], "data": b""},
+            "features": {"dtype": "float32", "shape": [0, 8], "data": b""},
+            "logits": {"dtype": "float32", "shape": [0, 10], "data": b""},
+        }
+    ),
 }
 
 

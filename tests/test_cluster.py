@@ -168,6 +168,8 @@ def test_eval_rejects_corrupted_checkpoint(trained_run, data_dir, tmp_path):
             "/nonexistent-octopusnet/cifar10.npz",
         ),
         (["--competition", "topk", "--top-k", "9"], "invalid top-k 9"),
+        (["--train-limit", "100"], "100 training images make no batch of 128"),
+        (["--device", "cuda"], "--device cuda needs GPUs"),
     ],
 )
 def test_bad_input_rejected(args, expected, tmp_path, data_dir):

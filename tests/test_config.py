@@ -25,7 +25,10 @@ from common.config import ConfigError, RunConfig
         ({"precision": "fp8"}, "precision 'fp8'"),
         ({"competition": "topk", "top_k": 0}, "top-k 0"),
         ({"competition": "topk", "arms": 4, "top_k": 5}, "top-k 5"),
-        ({"bottleneck": 66, "heads": 4}, "bottleneck 66 is not divisible by heads 4"),
+        (
+            {"bottleneck": 66, "heads": 4},
+            "bottleneck 66 is not divisible by the 4 attention heads",
+        ),
         ({"brain_host": "0.0.0.0"}, "brain host '0.0.0.0'"),
         ({"brain_host": "192.168.1.20"}, "brain host '192.168.1.20'"),
         ({"epochs": 0}, "epochs 0"),
@@ -132,3 +135,8 @@ def test_config_rejects_fractional_cpus(cpus):
 def test_from_dict_rejects_wrong_types(values):
     with pytest.raises(ConfigError):
         RunConfig.from_dict(values)
+
+
+def test_constructor_rejects_float_arms():
+    with pytest.raises(ConfigError, match="arms=2.5"):
+        RunConfig(arms=2.5)

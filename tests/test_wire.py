@@ -29,6 +29,7 @@ def sample_fields(message_type: str) -> dict:
     rng = np.random.default_rng(0)
     samples = {
         ARM_OUTPUT: {
+            "token": "0123abcd",
             "arm_id": 2,
             "stream_id": "val:3",
             "batch_id": 7,
@@ -36,8 +37,19 @@ def sample_fields(message_type: str) -> dict:
             "features": rng.standard_normal((4, 8)).astype(np.float32),
             "logits": rng.standard_normal((4, 10)).astype(np.float16),
         },
-        END_OF_STREAM: {"arm_id": 1, "stream_id": "train:0", "batches": 12},
-        HEARTBEAT: {"arm_id": 0, "time_s": 12.5, "epoch": 3, "state": "training"},
+        END_OF_STREAM: {
+            "token": "0123abcd",
+            "arm_id": 1,
+            "stream_id": "train:0",
+            "batches": 12,
+        },
+        HEARTBEAT: {
+            "token": "0123abcd",
+            "arm_id": 0,
+            "time_s": 12.5,
+            "epoch": 3,
+            "state": "training",
+        },
     }
     return samples[message_type]
 
