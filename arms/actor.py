@@ -21,7 +21,12 @@ import zmq
 from arms.augment import random_crop_flip, resize, to_tensor
 from arms.model import build_arm
 from common import wire
-from common.checkpoint import load_checkpoint, load_state, save_checkpoint
+from common.checkpoint import (
+    check_same_run,
+    load_checkpoint,
+    load_state,
+    save_checkpoint,
+)
 from common.config import RunConfig
 from common.datasets import DATASET_INFO
 from common.logs import setup_logging
@@ -298,6 +303,7 @@ class ArmActor:
         """Load a checkpoint of this arm; return the epoch it was saved at."""
         path = self.checkpoint_path(tag)
         payload = load_checkpoint(path, "arm", self.arm_id)
+        check_same_run(payload, self.config.to_dict(), str(path))
         load_state(self.model, payload["state"]["model"], str(path))
         self.model.optimizer.load_state_dict(payload["state"]["optimizer"])
         self.model.scheduler.load_state_dict(payload["state"]["scheduler"])

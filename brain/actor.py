@@ -21,7 +21,12 @@ import zmq
 from brain.gather import Batch, BatchGatherer, GatherError
 from brain.model import build_brain
 from common import wire
-from common.checkpoint import load_checkpoint, load_state, save_checkpoint
+from common.checkpoint import (
+    check_same_run,
+    load_checkpoint,
+    load_state,
+    save_checkpoint,
+)
 from common.config import RunConfig
 from common.logs import setup_logging
 from common.telemetry import BrainTelemetry
@@ -324,6 +329,7 @@ class BrainActor:
     def load(self, tag: str) -> int:
         path = self.checkpoint_path(tag)
         payload = load_checkpoint(path, "brain")
+        check_same_run(payload, self.config.to_dict(), str(path))
         load_state(self.model, payload["state"]["model"], str(path))
         if self.optimizer is not None:
             self.optimizer.load_state_dict(payload["state"]["optimizer"])

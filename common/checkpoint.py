@@ -67,6 +67,36 @@ def load_checkpoint(
     return payload
 
 
+# Config keys that identify a run: checkpoints of one run agree on all of them.
+RUN_KEYS = (
+    "run_name",
+    "seed",
+    "dataset",
+    "arms",
+    "arm_type",
+    "width",
+    "depth",
+    "bottleneck",
+)
+
+
+def check_same_run(payload: dict[str, Any], config: dict[str, Any], path: str) -> None:
+    """Raise CheckpointError unless the checkpoint was saved by the run of `config`."""
+    saved = payload.get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {path} carries no run config")
+    differences = {
+        key: (saved.get(key), config.get(key))
+        for key in RUN_KEYS
+        if saved.get(key) != config.get(key)
+    }
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {path} belongs to another run (saved vs expected: "
+            f"{differences}); restore this run's own checkpoint"
+        )
+
+
 def load_state(
     module: torch.nn.Module, state: dict[str, torch.Tensor], path: str
 ) -> None:

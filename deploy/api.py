@@ -22,7 +22,7 @@ import torch
 from arms.augment import resize, to_tensor
 from arms.model import LocalArm, build_arm
 from brain.model import build_brain
-from common.checkpoint import load_checkpoint, load_state
+from common.checkpoint import check_same_run, load_checkpoint, load_state
 from common.config import RunConfig
 from common.datasets import DATASET_INFO
 from deploy import training
@@ -99,13 +99,15 @@ def load_run(run_dir: str | Path, tag: str = "best") -> OctopusModel:
     for arm_id in range(config.arms):
         path = run_dir / "checkpoints" / f"arm-{arm_id}-{tag}.pt"
         arm = build_arm(config, arm_id, info)
-        load_state(
-            arm, load_checkpoint(path, "arm", arm_id)["state"]["model"], str(path)
-        )
+        payload = load_checkpoint(path, "arm", arm_id)
+        check_same_run(payload, config.to_dict(), str(path))
+        load_state(arm, payload["state"]["model"], str(path))
         arms.append(arm.eval())
     path = run_dir / "checkpoints" / f"brain-{tag}.pt"
     brain = build_brain(config, info.num_classes)
-    load_state(brain, load_checkpoint(path, "brain")["state"]["model"], str(path))
+    payload = load_checkpoint(path, "brain")
+    check_same_run(payload, config.to_dict(), str(path))
+    load_state(brain, payload["state"]["model"], str(path))
     return OctopusModel(config, arms, brain)
 
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 from common.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    check_same_run,
     load_checkpoint,
     load_state,
     save_checkpoint,
@@ -162,3 +163,22 @@ def test_load_state_mismatch(model):
     with pytest.raises(CheckpointError, match="does not fit") as err:
         load_state(model, tiny_model().state_dict(), "runs/x/arm2.pt")
     assert "runs/x/arm2.pt" in str(err.value)
+
+
+def test_same_run_checkpoint_accepted():
+    config = RunConfig(run_name="a").to_dict()
+    check_same_run({"config": dict(config)}, config, "arm-0-best.pt")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("run_name", "b"), ("seed", 7), ("width", 64)]
+)
+def test_other_run_checkpoint_rejected(key, value):
+    config = RunConfig(run_name="a").to_dict()
+    with pytest.raises(CheckpointError, match=f"another run.*'{key}'"):
+        check_same_run({"config": {**config, key: value}}, config, "arm-0-best.pt")
+
+
+def test_checkpoint_without_config_rejected():
+    with pytest.raises(CheckpointError, match="no run config"):
+        check_same_run({}, RunConfig().to_dict(), "brain-best.pt")

@@ -251,3 +251,16 @@ def test_dashboard_port_in_use_rejected(tmp_path, data_dir):
     assert result.returncode == 2
     assert f"dashboard port {port}" in result.stderr
     assert "Ray session" not in result.stderr  # rejected before Ray starts
+
+
+def test_eval_rejects_other_runs_checkpoints(trained_run, data_dir, tmp_path):
+    _, run_dir = trained_run
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "run_name": "renamed"}))
+    result = run_launch(["--eval", str(other), "--data-dir", str(data_dir)])
+    assert result.returncode == 2
+    assert "belongs to another run" in result.stderr
+    assert "Ray session" in result.stderr
+    assert wait_for_no_leftovers(result.stderr) == []
