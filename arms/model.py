@@ -3,8 +3,8 @@
 Every block takes a detached input, so its loss reaches only its own weights. Two
 objectives exist:
 
-- `GroupedArm`: the channels of each block are split into one group per class;
-  per-class goodness is the group's mean activation, and the block minimises
+- `GroupedArm`: the channels of each block are split into one group per class.
+  Per-class goodness is the group's mean activation, and the block minimises
   cross-entropy over the scaled goodness. No overlay, no negatives.
 - `OverlayArm`: Hinton's Forward-Forward with a Fourier label overlay. Positive
   input carries the true label's pattern, negative input a wrong label's; each
@@ -260,8 +260,8 @@ class OverlayArm(LocalArm):
     def encode(self, images):
         h_last = self._neutral_encoding(images)
         # NOTE: the overlay arm's own logits come from its local classifier on the
-        # neutral-overlay features; scoring goodness under every label would cost one
-        # pass per class.
+        # neutral-overlay features, because scoring goodness under every label would
+        # cost one forward pass per class.
         return h_last, self.head(self.features(h_last))
 
 

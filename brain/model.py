@@ -1,7 +1,7 @@
 """The brain: nerve ring, coordinator and classifier over the arms' detached outputs.
 
 Shapes: B batch, N arms, D bottleneck, C classes. `live` (B, N) is True where an
-arm's output is present; missing arms are masked out of the nerve ring's keys and
+arm's output is present. Missing arms are masked out of the nerve ring's keys and
 the coordinator's attention, never fed in as zeros.
 """
 

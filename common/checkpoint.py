@@ -61,7 +61,7 @@ def load_checkpoint(
         arm_id is not None and payload.get("arm_id") != arm_id
     ):
         raise CheckpointError(
-            f"checkpoint {path} holds {payload.get('kind')} {payload.get('arm_id')}, "
+            f"checkpoint {path} contains {payload.get('kind')} {payload.get('arm_id')}, "
             f"expected {kind} {arm_id}: the run directory's files are mixed up"
         )
     return payload

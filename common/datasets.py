@@ -47,7 +47,7 @@ KEYS = ("x_train", "y_train", "x_test", "y_test", "class_names")
 
 
 class DatasetError(RuntimeError):
-    """A dataset is missing, unreadable or malformed. The message tells how to fix it."""
+    """A dataset is missing, unreadable or malformed. The message names the fix."""
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 Up to 12 classes use the original family: one sinusoid, orientation 0/45/90/135
 degrees by `c % 4` and 1, 2 or 3 cycles across the image by `c // 4`. Larger label
-sets would alias on small grids (100 plain sinusoids coincide at 8 px), so each
+sets would alias on small grids, where 100 plain sinusoids coincide at 8 px. So each
 class there gets a sum of three sinusoids with random orientation, frequency (up to
-the grid's Nyquist limit) and phase, redrawn until it differs from every earlier
-class by at least `MIN_RMS_DISTANCE` per pixel. The draws are seeded, so every
+the grid's Nyquist limit) and phase. A draw is repeated until it differs from every
+earlier class by at least `MIN_RMS_DISTANCE` per pixel. The draws are seeded, so every
 process builds the same patterns.
 """
 

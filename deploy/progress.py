@@ -1,7 +1,7 @@
 """Progress bars in the launcher's terminal, one per arm and one for the brain.
 
 A background thread polls each actor's `progress()` (the actors are threaded, so
-they answer while they train) and moves a tqdm bar per actor. Without a terminal,
+they reply while they train) and moves a tqdm bar per actor. Without a terminal,
 or with `--quiet`, no bars are drawn and the actors' own log lines remain.
 """
 

@@ -116,7 +116,9 @@ def test_run_directory_written(trained_run):
     assert len(epoch["arms"]) == 4
     for arm in epoch["arms"]:
         assert arm["images_per_s"] > 0
-        assert "ff_loss" in arm and "goodness_pos" in arm and "goodness_neg" in arm
+        assert "ff_loss" in arm
+        assert "goodness_pos" in arm
+        assert "goodness_neg" in arm
     assert 0.0 <= epoch["val_accuracy"] <= 1.0
     for name in ["brain-best.pt", "brain-last.pt"] + [
         f"arm-{i}-best.pt" for i in range(4)
