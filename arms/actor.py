@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 import zmq
 
 from arms.augment import random_crop_flip, resize, to_tensor
 from arms.model import build_arm
+from arms.serving import ArmServer
 from common import wire
 from common.checkpoint import (
     check_same_run,
@@ -30,6 +30,7 @@ from common.checkpoint import (
 from common.config import RunConfig
 from common.datasets import DATASET_INFO
 from common.logs import setup_logging
+from common.restarts import reconstructed
 from common.telemetry import ArmTelemetry
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,11 @@ class ArmActor:
         threads: int,
         brain_endpoint: str,
         token: str,
+        serve: dict | None = None,
     ):
+        """`serve` turns this arm into a part of the inference service: a dict with
+        the brain's `pub_endpoint` and the checkpoint `tag` to load (`data` unused).
+        """
         self.config = RunConfig.from_dict(config)
         setup_logging(os.environ.get("OCTOPUSNET_LOG_LEVEL", "INFO"))
         torch.set_num_threads(threads)
@@ -100,11 +105,9 @@ class ArmActor:
         self.epoch = 0
         self._progress = {"epoch": 0, "phase": "ready", "step": 0, "total": 0}
         self.telemetry = ArmTelemetry(arm_id)
-        with warnings.catch_warnings():
-            # Ray 2.60 warns about its own internal use of a deprecated property here.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            if ray.get_runtime_context().was_current_actor_reconstructed:
-                self.telemetry.restarted()
+        restarted = reconstructed()
+        if restarted:
+            self.telemetry.restarted()
 
         self.context = zmq.Context()
         self.push = self.context.socket(zmq.PUSH)
@@ -112,6 +115,12 @@ class ArmActor:
         self.push.setsockopt(zmq.SNDTIMEO, int(self.config.stream_timeout_s * 1000))
         self.push.setsockopt(zmq.LINGER, 5000)
         self.push.connect(brain_endpoint)
+        self.stream_lock = threading.Lock()
+        self.server = None
+        if serve:
+            self._start_serving(serve, brain_endpoint, restarted)
+        elif restarted:
+            self._resume()
         log.info(
             "arm %d ready: %d px, %s blocks, %d parameters, %s, %d threads, pid %d",
             arm_id,
@@ -124,7 +133,59 @@ class ArmActor:
         )
 
     def _steps_per_epoch(self) -> int:
+        if self.data is None:  # serving: no optimizer steps
+            return 1
         return len(self.data["train_idx"]) // self.config.batch_size
+
+    def _resume(self) -> None:
+        """After a restart mid-training: continue from this arm's newest checkpoint."""
+        if self.checkpoint_path("last").is_file():
+            epoch = self.load("last")
+            log.warning(
+                "arm %d restarted (pid %d); resumed from its checkpoint of epoch %d",
+                self.arm_id,
+                os.getpid(),
+                epoch,
+            )
+        else:
+            log.warning(
+                "arm %d restarted (pid %d) before its first checkpoint; starting over",
+                self.arm_id,
+                os.getpid(),
+            )
+
+    def _start_serving(self, serve: dict, pull_endpoint: str, restarted: bool) -> None:
+        epoch = self.load(serve["tag"])
+        info = self.info
+        self.server = ArmServer(
+            self.arm_id,
+            self._infer_images,
+            self.token,
+            (info.image_size, info.image_size, info.channels),
+            self.context,
+            pull_endpoint,
+            serve["pub_endpoint"],
+            self.config.heartbeat_interval_s,
+            epoch,
+        )
+        self.server.start()
+        log.info(
+            "arm %d %sserving its %s checkpoint (epoch %d), pid %d",
+            self.arm_id,
+            "restarted and " if restarted else "",
+            serve["tag"],
+            epoch,
+            os.getpid(),
+        )
+
+    def _infer_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Features and logits for uint8 images (B, H, W, C) at this arm's resolution."""
+        x = resize(to_tensor(images), self.model.resolution)
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        features, logits = self.model.infer(
+            x, self.autocast, head_logits=self.config.brain_mode != "attention"
+        )
+        return features.cpu().numpy(), logits.cpu().numpy()
 
     def _images(self, split: str, indices: np.ndarray, augment: bool) -> torch.Tensor:
         source = self.data["x_test"] if split == "test" else self.data["x_train"]
@@ -202,6 +263,8 @@ class ArmActor:
             lr=self.model.optimizer.param_groups[0]["lr"],
         )
         self.telemetry.record(result)
+        # A restart from here on resumes with this epoch's training done.
+        self.save("last")
         log.info(
             "arm %d epoch %d done: ff_loss %.3f, goodness pos %.3f / neg %.3f, local "
             "accuracy %.3f, %.0f img/s, %.1f s",
@@ -217,7 +280,15 @@ class ArmActor:
         return result
 
     def stream(self, split: str, stream_id: str) -> int:
-        """Push outputs for every batch of `split` to the brain; return the batch count."""
+        """Push outputs for every batch of `split` to the brain; return the batch count.
+
+        One stream at a time: a retried stream waits until an abandoned one has
+        been sent (the brain reads and drops it), as both use the one PUSH socket.
+        """
+        with self.stream_lock:
+            return self._stream(split, stream_id)
+
+    def _stream(self, split: str, stream_id: str) -> int:
         if split == "train":
             indices = epoch_order(
                 self.data["train_idx"], self.config.seed, 10_000 + self.epoch
@@ -312,5 +383,7 @@ class ArmActor:
         return self.epoch
 
     def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
         self.push.close(linger=0)
         self.context.term()

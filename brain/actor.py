@@ -19,7 +19,9 @@ import torch.nn.functional as F
 import zmq
 
 from brain.gather import Batch, BatchGatherer, GatherError
-from brain.model import build_brain
+from brain.liveness import Liveness
+from brain.model import arm_dropout_mask, build_brain
+from brain.serving import BrainServer
 from common import wire
 from common.checkpoint import (
     check_same_run,
@@ -28,12 +30,18 @@ from common.checkpoint import (
     save_checkpoint,
 )
 from common.config import RunConfig
+from common.datasets import DATASET_INFO
 from common.logs import setup_logging
+from common.restarts import reconstructed
 from common.telemetry import BrainTelemetry
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 200
+
+
+class StreamAbortedError(RuntimeError):
+    """The launcher abandoned a stream because an arm died while streaming it."""
 
 
 class PortInUseError(RuntimeError):
@@ -51,12 +59,17 @@ class BrainActor:
         run_dir: str,
         token: str,
         threads: int = 1,
+        serve: dict | None = None,
     ):
+        """`serve` turns this brain into the inference service: a dict with the
+        `pull_port`, `pub_port` and `client_port` to bind and the checkpoint `tag`.
+        """
         self.config = RunConfig.from_dict(config)
         setup_logging(os.environ.get("OCTOPUSNET_LOG_LEVEL", "INFO"))
         torch.set_num_threads(threads)
         torch.manual_seed(self.config.seed)
         self.rng = random.Random(self.config.seed)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
         self.labels = labels
         self.token = token
         self.run_dir = Path(run_dir)
@@ -69,6 +82,7 @@ class BrainActor:
             else None
         )
         self.epoch = 0
+        self.aborted_streams: set[str] = set()
         self.dropped_messages = 0
         self._progress = {"epoch": 0, "phase": "ready", "step": 0, "total": 0}
         self.telemetry = BrainTelemetry()
@@ -78,21 +92,64 @@ class BrainActor:
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
         host = self.config.brain_host
+        port = serve["pull_port"] if serve else self.config.brain_port
         try:
-            if self.config.brain_port:
-                self.pull.bind(f"tcp://{host}:{self.config.brain_port}")
-                port = self.config.brain_port
+            if port:
+                self.pull.bind(f"tcp://{host}:{port}")
             else:
                 port = self.pull.bind_to_random_port(f"tcp://{host}")
         except zmq.ZMQError as err:
             self.pull.close()
             self.context.term()
             raise PortInUseError(
-                f"the brain cannot bind tcp://{host}:{self.config.brain_port} ({err}): "
+                f"the brain cannot bind tcp://{host}:{port} ({err}): "
                 "pass another --brain-port, or 0 to let the OS pick one"
             ) from err
         self._endpoint = f"tcp://{host}:{port}"
         log.info("brain listening on %s, pid %d", self._endpoint, os.getpid())
+        self.server = None
+        if serve:
+            self._start_serving(serve, reconstructed())
+
+    def _start_serving(self, serve: dict, restarted: bool) -> None:
+        self.load(serve["tag"])
+        info = DATASET_INFO[self.config.dataset]
+        liveness = Liveness(
+            self.config.arms, self.config.heartbeat_timeout_s, self.config.miss_limit
+        )
+        self.server = BrainServer(
+            self.model,
+            self.config.arms,
+            (info.image_size, info.image_size, info.channels),
+            self.token,
+            self.context,
+            self.pull,
+            self.config.brain_host,
+            serve["pub_port"],
+            serve["client_port"],
+            self.config.deadline_s,
+            liveness,
+            self.telemetry,
+            seed=self.config.seed,
+        )
+        self.server.start()
+        if restarted:
+            self.telemetry.restarts.inc()
+        log.info(
+            "brain %sserving %s checkpoints: clients on port %d, deadline %.0f ms, "
+            "heartbeat timeout %.0f ms",
+            "restarted and " if restarted else "",
+            serve["tag"],
+            serve["client_port"],
+            self.config.deadline_s * 1000,
+            self.config.heartbeat_timeout_s * 1000,
+        )
+
+    def stats(self) -> dict:
+        """The inference service's counters and arm states, with this process's pid."""
+        if self.server is None:
+            raise RuntimeError("this brain is training, not serving")
+        return {**self.server.stats(), "pid": os.getpid()}
 
     def endpoint(self) -> str:
         return self._endpoint
@@ -115,6 +172,8 @@ class BrainActor:
         last_message = time.monotonic()
         gathered = 0
         while not gatherer.done:
+            if stream_id in self.aborted_streams:
+                raise StreamAbortedError(f"stream {stream_id} was aborted")
             if not self.pull.poll(POLL_MS):
                 if time.monotonic() - last_message > timeout_s:
                     missing = sorted(set(arm_ids) - set(gatherer.finished_arms))
@@ -163,6 +222,10 @@ class BrainActor:
                     stream_id.split(":")[0], latency_ms, degraded=False
                 )
         gatherer.check_complete(gathered)
+
+    def abort(self, stream_id: str) -> None:
+        """Make the gather of `stream_id` stop (called from a second Ray thread)."""
+        self.aborted_streams.add(stream_id)
 
     def _drop(self, reason: str) -> None:
         self.dropped_messages += 1
@@ -220,6 +283,9 @@ class BrainActor:
 
     def _train_batch(self, batch: Batch) -> tuple[float, int]:
         features, logits, live, labels = self._tensors(batch, "train")
+        live = arm_dropout_mask(
+            len(labels), live.shape[1], self.config.arm_dropout, self.generator
+        )
         self.model.train()
         brain_logits, _ = self.model(features, logits, live)
         loss = F.cross_entropy(brain_logits, labels)
@@ -338,5 +404,7 @@ class BrainActor:
         return self.epoch
 
     def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
         self.pull.close(linger=0)
         self.context.term()

@@ -153,6 +153,21 @@ class LogitCoordinator(nn.Module):
         return torch.einsum("bn,bnc->bc", weights, log_probs), weights
 
 
+def arm_dropout_mask(
+    batch: int, arms: int, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Module dropout: a live mask (B, N) with a random 1 to N-1 arms masked in a
+    share `p` of the samples. No sample loses every arm.
+    """
+    live = torch.ones(batch, arms, dtype=torch.bool)
+    if arms < 2 or p <= 0:
+        return live
+    chosen = torch.rand(batch, generator=generator) < p
+    dropped = torch.randint(1, arms, (batch, 1), generator=generator)
+    rank = torch.rand(batch, arms, generator=generator).argsort(1).argsort(1)
+    return ~((rank < dropped) & chosen[:, None])
+
+
 def build_brain(config, num_classes: int) -> nn.Module:
     if config.brain_mode != "attention":
         brain = LogitCoordinator(config.arms, learned=config.brain_mode == "logit")

@@ -94,6 +94,9 @@ class RunConfig:
     brain_lr: float = 1e-3
     brain_passes: int = 3
     dropout: float = 0.1
+    # Module dropout: the share of training samples the brain sees with a random
+    # 1 to N-1 of the arms masked, so it learns to answer from any subset of arms.
+    arm_dropout: float = 0.5
 
     # Run.
     epochs: int = 1
@@ -110,6 +113,13 @@ class RunConfig:
     brain_port: int = 0  # 0 lets the OS pick a free port
     dashboard_port: int = 0  # 0: Ray's usual 8265, or any free port when that is taken
     stream_timeout_s: float = 600.0
+    actor_restarts: int = 5  # times Ray restarts a killed arm (and, serving, the brain)
+
+    # Inference service.
+    deadline_s: float = 0.25  # the brain answers from the arms that replied by then
+    heartbeat_interval_s: float = 0.05
+    heartbeat_timeout_s: float = 0.2  # an arm silent this long is dead
+    miss_limit: int = 3  # deadlines missed in a row that make a live arm dead
     git_revision: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -139,6 +149,18 @@ class RunConfig:
         _check_range("heads", self.heads, 1, 64)
         _check_range("brain passes", self.brain_passes, 1, 100)
         _check_range("dropout", self.dropout, 0.0, 0.99)
+        _check_range("arm dropout", self.arm_dropout, 0.0, 1.0)
+        _check_range("actor restarts", self.actor_restarts, 0, 1000)
+        _check_range("deadline", self.deadline_s, 0.001, 600.0)
+        _check_range("heartbeat interval", self.heartbeat_interval_s, 0.001, 60.0)
+        _check_range("heartbeat timeout", self.heartbeat_timeout_s, 0.002, 600.0)
+        _check_range("miss limit", self.miss_limit, 1, 1000)
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ConfigError(
+                f"heartbeat timeout {self.heartbeat_timeout_s} s must exceed the "
+                f"heartbeat interval {self.heartbeat_interval_s} s, or every arm "
+                "looks dead between two heartbeats"
+            )
         _check_range("gpus", self.gpus, 0.0, 1024.0)
         _check_range("cpus", self.cpus, 0.0, 4096.0)
         if 0 < self.cpus < 1 or self.cpus != int(self.cpus):

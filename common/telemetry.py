@@ -45,7 +45,9 @@ class ArmTelemetry:
 
 
 class BrainTelemetry:
-    """Counters of the batches the brain processes, their latency, degraded batches and live arms."""
+    """Counters of the batches and requests the brain processes, their latency,
+    degraded ones, live arms and restarts. Requests have the split `request`.
+    """
 
     def __init__(self):
         self.batches = metrics.Counter(
@@ -67,6 +69,10 @@ class BrainTelemetry:
         self.live_arms = metrics.Gauge(
             "octopusnet_brain_live_arms",
             description="Arms whose outputs the brain receives",
+        )
+        self.restarts = metrics.Counter(
+            "octopusnet_brain_restarts",
+            description="Times the brain's process was restarted",
         )
 
     def answered(self, split: str, latency_ms: float, degraded: bool) -> None:

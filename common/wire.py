@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_DIMENSION = 2**31 - 1  # per axis; NumPy rejects far larger shapes with ValueError
 ALLOWED_DTYPES = ("float32", "float16", "int64", "int32", "uint8", "bool")
@@ -22,6 +22,9 @@ ALLOWED_DTYPES = ("float32", "float16", "int64", "int32", "uint8", "bool")
 ARM_OUTPUT = "arm_output"
 END_OF_STREAM = "end_of_stream"
 HEARTBEAT = "heartbeat"
+REQUEST = "request"
+ARM_REPLY = "arm_reply"
+ANSWER = "answer"
 
 SPLITS = ("train", "val", "test")
 
@@ -50,6 +53,34 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "time_s": "float",
         "epoch": "int",
         "state": "str",
+        "pid": "int",
+    },
+    # Inference: a client sends REQUEST to the brain, the brain publishes it to the
+    # arms, each arm sends an ARM_REPLY, and the brain sends the client an ANSWER.
+    REQUEST: {
+        "token": "str",
+        "request_id": "str",
+        "images": "array",
+    },
+    ARM_REPLY: {
+        "token": "str",
+        "arm_id": "int",
+        "request_id": "str",
+        "features": "array",
+        "logits": "array",
+    },
+    # `error` is empty for an answer; otherwise it says why the request was refused,
+    # and `retryable` whether the same request may succeed later.
+    ANSWER: {
+        "token": "str",
+        "request_id": "str",
+        "logits": "array",
+        "predictions": "array",
+        "arm_ids": "array",
+        "degraded": "bool",
+        "latency_ms": "float",
+        "error": "str",
+        "retryable": "bool",
     },
 }
 
@@ -145,6 +176,7 @@ def _check_fields(message_type: str, fields: dict[str, Any]) -> None:
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, (int, float)) and not isinstance(value, bool),
             "str": isinstance(value, str) and len(value) <= 256,
+            "bool": isinstance(value, bool),
             "array": isinstance(value, np.ndarray),
         }[kind]
         if not ok:

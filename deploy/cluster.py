@@ -6,10 +6,13 @@ it started Ray itself, shuts Ray down, on success, on error and on Ctrl-C.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import secrets
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -72,6 +75,10 @@ class Cluster:
     actors: dict[str, object] = field(default_factory=dict)
     session_dir: str = ""
     process_ids: dict[str, int] = field(default_factory=dict)
+    namespace: str = "octopusnet"
+    ray_address: str = ""
+    service: dict = field(default_factory=dict)
+    data_ref: object = None
 
     def __enter__(self) -> Cluster:
         return self
@@ -83,7 +90,11 @@ class Cluster:
         config = self.config
         if config.address:
             context = self._init(
-                lambda: ray.init(address=config.address, log_to_driver=True)
+                lambda: ray.init(
+                    address=config.address,
+                    namespace=self.namespace,
+                    log_to_driver=True,
+                )
             )
         else:
             check_gpus(config.gpus)
@@ -92,6 +103,7 @@ class Cluster:
             context = self._start_local()
         self.dashboard_url = context.dashboard_url or ""
         self.session_dir = context.address_info.get("session_dir", "")
+        self.ray_address = context.address_info.get("gcs_address", config.address)
         log.info("Ray session %s", self.session_dir)
         if config.address:
             gpus = ray.cluster_resources().get("GPU", 0)
@@ -132,6 +144,7 @@ class Cluster:
             try:
                 return ray.init(
                     address="local",
+                    namespace=self.namespace,
                     num_cpus=int(self.config.cpus) if self.config.cpus else None,
                     num_gpus=int(self.config.gpus) if self.config.gpus else None,
                     include_dashboard=True,
@@ -176,7 +189,8 @@ class Cluster:
             "val": len(val_idx),
             "test": len(arrays["test_idx"]),
         }
-        data_ref = ray.put(arrays)
+        # Held here for the whole run: a restarted arm is built from it again.
+        self.data_ref = data_ref = ray.put(arrays)
         labels_ref = ray.put({"y_train": data.y_train, "y_test": data.y_test})
 
         cpu_share = self.cpus() / config.arms
@@ -201,6 +215,8 @@ class Cluster:
                     name=f"arm-{arm_id}",
                     # A second thread serves progress() while the first trains.
                     max_concurrency=2,
+                    # A killed arm comes back and resumes from its last checkpoint.
+                    max_restarts=config.actor_restarts,
                     num_cpus=cpu_share,
                     num_gpus=config.gpus / config.arms if config.gpus else 0,
                 )
@@ -229,6 +245,112 @@ class Cluster:
             len(val_idx),
             len(arrays["test_idx"]),
         )
+
+    def write_info(self, run_dir: Path, **extra) -> Path:
+        """Write how to reach this cluster, for deploy/kill_arm.py and the clients."""
+        path = run_dir / "cluster.json"
+        info = {
+            "ray_address": self.ray_address,
+            "namespace": self.namespace,
+            "dashboard_url": self.dashboard_url,
+            "driver_pid": os.getpid(),
+            "process_ids": self.process_ids,
+            **extra,
+        }
+        # The file may hold the service token: readable by this user only.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(info, indent=2) + "\n")
+        return path
+
+    def create_service(self, run_dir: str, tag: str) -> dict:
+        """Start the brain and the arms as the inference service on `tag` checkpoints.
+
+        The ports are fixed here, so a restarted brain binds the same ones and the
+        arms and clients reconnect to it by themselves.
+        """
+        config = self.config
+        info = DATASET_INFO[config.dataset]
+        host = config.brain_host
+        ports = {
+            name: free_port(host) for name in ("pull_port", "pub_port", "client_port")
+        }
+        token = secrets.token_hex(16)
+        self.service = {
+            "client_endpoint": f"tcp://{host}:{ports['client_port']}",
+            "pull_endpoint": f"tcp://{host}:{ports['pull_port']}",
+            "pub_endpoint": f"tcp://{host}:{ports['pub_port']}",
+            "token": token,
+            "tag": tag,
+            "run_dir": run_dir,
+            "dataset": config.dataset,
+            "arms": config.arms,
+        }
+        self.brain = (
+            ray.remote(BrainActor)
+            .options(
+                name="brain",
+                num_cpus=0,
+                max_concurrency=2,
+                max_restarts=config.actor_restarts,
+            )
+            .remote(
+                config.to_dict(),
+                info.num_classes,
+                None,
+                run_dir,
+                token,
+                serve={**ports, "tag": tag},
+            )
+        )
+        self.process_ids["brain"] = self._get(
+            self.brain.process_id.remote(), "the brain"
+        )
+        self.arms = [self.create_service_arm(arm_id) for arm_id in range(config.arms)]
+        arm_pids = self._get([arm.process_id.remote() for arm in self.arms], "the arms")
+        self.process_ids |= {f"arm-{i}": pid for i, pid in enumerate(arm_pids)}
+        self.actors = {"brain": self.brain} | {
+            f"arm-{i}": arm for i, arm in enumerate(self.arms)
+        }
+        log.info(
+            "serving %s on %s; actor processes: %s",
+            run_dir,
+            self.service["client_endpoint"],
+            " ".join(f"{name}={pid}" for name, pid in self.process_ids.items()),
+        )
+        return self.service
+
+    def create_service_arm(self, arm_id: int):
+        """Start (or, after a kill without restart, start again) one serving arm."""
+        config = self.config
+        cpu_share = self.cpus() / config.arms
+        actor = (
+            ray.remote(ArmActor)
+            .options(
+                name=f"arm-{arm_id}",
+                max_concurrency=2,
+                max_restarts=config.actor_restarts,
+                num_cpus=cpu_share,
+                num_gpus=config.gpus / config.arms if config.gpus else 0,
+            )
+            .remote(
+                config.to_dict(),
+                arm_id,
+                None,
+                self.service["run_dir"],
+                max(1, int(cpu_share)),
+                self.service["pull_endpoint"],
+                self.service["token"],
+                serve={
+                    "pub_endpoint": self.service["pub_endpoint"],
+                    "tag": self.service["tag"],
+                },
+            )
+        )
+        if arm_id < len(self.arms):
+            self.arms[arm_id] = actor
+            self.actors[f"arm-{arm_id}"] = actor
+        return actor
 
     def _get(self, refs, what: str):
         try:

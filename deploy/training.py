@@ -50,8 +50,69 @@ def git_revision() -> str:
     return revision + ("-dirty" if dirty else "")
 
 
+RESUBMIT_PAUSE_S = 0.5
+RESUBMIT_LIMIT = 600  # calls to a restarting arm: 5 minutes at RESUBMIT_PAUSE_S
+
+
+def _actor_gone(err: Exception) -> bool:
+    """True when Ray will not bring the actor back (out of restarts, or killed for good)."""
+    return isinstance(err, ray.exceptions.ActorDiedError)
+
+
+def local_phase(cluster: Cluster, epoch: int) -> list[dict]:
+    """Train every arm's local epoch; an arm that dies is retried after its restart.
+
+    The arms train in separate processes, so a dead arm holds back no other arm: only
+    this call waits for the restarted arm to catch up from its last checkpoint.
+    """
+    arms = cluster.arms
+    refs = {arm.train_epoch.remote(epoch): arm_id for arm_id, arm in enumerate(arms)}
+    results: list[dict] = [{} for _ in arms]
+    failures = [0] * len(arms)
+    while refs:
+        (ref,), _ = ray.wait(list(refs), num_returns=1)
+        arm_id = refs.pop(ref)
+        try:
+            results[arm_id] = ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            failures[arm_id] += 1
+            if _actor_gone(err) or failures[arm_id] > RESUBMIT_LIMIT:
+                raise
+            if failures[arm_id] == 1:
+                log.warning(
+                    "arm %d died during its local epoch %d (%s); Ray restarts it from "
+                    "its last checkpoint and it trains the epoch again; the other arms "
+                    "go on",
+                    arm_id,
+                    epoch,
+                    type(err).__name__,
+                )
+            else:  # calls fail with ActorUnavailableError until the restart is done
+                log.debug("arm %d is still restarting", arm_id)
+            time.sleep(RESUBMIT_PAUSE_S)
+            refs[arms[arm_id].train_epoch.remote(epoch)] = arm_id
+    return results
+
+
 def stream_and_gather(cluster: Cluster, split: str, stream_id: str, epoch: int) -> dict:
-    """Stream `split` from every arm into the brain; return the brain's result."""
+    """Stream `split` from every arm into the brain; return the brain's result.
+
+    If an arm dies while streaming, the brain drops the stream and, once Ray has
+    restarted the arm, the whole split is streamed again under a new stream id.
+    """
+    for attempt in range(cluster.config.actor_restarts + 1):
+        attempt_id = stream_id if not attempt else f"{stream_id}:retry{attempt}"
+        result = _stream_once(cluster, split, attempt_id, epoch)
+        if result is not None:
+            return result
+        time.sleep(RESUBMIT_PAUSE_S)
+    raise RuntimeError(
+        f"streaming {split} failed {cluster.config.actor_restarts + 1} times because "
+        "arms kept dying; see the log above"
+    )
+
+
+def _stream_once(cluster: Cluster, split: str, stream_id: str, epoch: int):
     arm_ids = list(range(len(cluster.arms)))
     expected = -(-cluster.split_sizes[split] // cluster.config.batch_size)
     if split == "train":
@@ -62,14 +123,43 @@ def stream_and_gather(cluster: Cluster, split: str, stream_id: str, epoch: int) 
         brain_ref = cluster.brain.evaluate_stream.remote(
             stream_id, split, arm_ids, expected
         )
-    pending = [brain_ref] + [
-        arm.stream.remote(split, stream_id) for arm in cluster.arms
-    ]
-    # Wait on all of them at once, so a dead brain or arm fails the run at once.
+    arm_refs = {
+        arm.stream.remote(split, stream_id): arm_id
+        for arm_id, arm in enumerate(cluster.arms)
+    }
+    pending = [brain_ref, *arm_refs]
+    # Wait on all of them at once, so a dead brain or arm is seen at once.
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        ray.get(done)
+        try:
+            ray.get(done)
+        except ray.exceptions.RayActorError as err:
+            if done[0] == brain_ref or _actor_gone(err):
+                raise
+            log.warning(
+                "arm %d died while streaming %s (%s); the brain drops the stream, "
+                "and it is streamed again once Ray has restarted the arm",
+                arm_refs[done[0]],
+                stream_id,
+                type(err).__name__,
+            )
+            cluster.brain.abort.remote(stream_id)
+            _drain(brain_ref, [r for r in pending if r != brain_ref])
+            return None
     return ray.get(brain_ref)
+
+
+def _drain(brain_ref, arm_refs) -> None:
+    """Let the aborted brain call end, then the surviving arms' stream calls.
+
+    The arms block on full send queues until a brain gather reads their frames;
+    the next attempt's gather reads and drops them, so they are not waited for here.
+    """
+    try:
+        ray.get(brain_ref)
+    except Exception as err:  # StreamAbortedError, wrapped by Ray
+        log.info("the brain dropped the stream: %s", type(err).__name__)
+    ray.wait(arm_refs, num_returns=len(arm_refs), timeout=0)
 
 
 def save_all(cluster: Cluster, tag: str) -> None:
@@ -92,7 +182,7 @@ def run_epochs(cluster: Cluster, metrics_path: Path) -> tuple[dict, list[float]]
     epoch_seconds = []
     for epoch in range(1, config.epochs + 1):
         epoch_start = time.perf_counter()
-        arm_metrics = ray.get([arm.train_epoch.remote(epoch) for arm in cluster.arms])
+        arm_metrics = local_phase(cluster, epoch)
         local_seconds = time.perf_counter() - epoch_start
         brain_metrics = stream_and_gather(cluster, "train", f"train:{epoch}", epoch)
         val = stream_and_gather(cluster, "val", f"val:{epoch}", epoch)
@@ -211,11 +301,13 @@ def _train(config: RunConfig, data, run_dir: Path, show_progress: bool) -> dict:
                 cluster.dashboard_url,
             )
         cluster.create_actors(data, str(run_dir))
+        info_path = cluster.write_info(run_dir)
         board = ProgressBoard(cluster.actors, show_progress)
         with board:
             best, epoch_seconds = run_epochs(cluster, metrics_path)
             load_all(cluster, "best")
             test = stream_and_gather(cluster, "test", "test", best["epoch"])
+        info_path.unlink(missing_ok=True)
 
     results = {
         "test_accuracy": test["accuracy"],

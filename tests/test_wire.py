@@ -12,11 +12,14 @@ import pytest
 
 from common.wire import (
     ALLOWED_DTYPES,
+    ANSWER,
     ARM_OUTPUT,
+    ARM_REPLY,
     END_OF_STREAM,
     HEARTBEAT,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
+    REQUEST,
     SCHEMAS,
     WireError,
     decode,
@@ -49,6 +52,30 @@ def sample_fields(message_type: str) -> dict:
             "time_s": 12.5,
             "epoch": 3,
             "state": "training",
+            "pid": 4242,
+        },
+        REQUEST: {
+            "token": "0123abcd",
+            "request_id": "c0ffee-17",
+            "images": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+        },
+        ARM_REPLY: {
+            "token": "0123abcd",
+            "arm_id": 3,
+            "request_id": "c0ffee-17",
+            "features": rng.standard_normal((2, 8)).astype(np.float32),
+            "logits": rng.standard_normal((2, 10)).astype(np.float32),
+        },
+        ANSWER: {
+            "token": "0123abcd",
+            "request_id": "c0ffee-17",
+            "logits": rng.standard_normal((2, 10)).astype(np.float32),
+            "predictions": np.array([3, 1], dtype=np.int64),
+            "arm_ids": np.array([0, 2, 3], dtype=np.int64),
+            "degraded": True,
+            "latency_ms": 12.5,
+            "error": "",
+            "retryable": False,
         },
     }
     return samples[message_type]
@@ -152,7 +179,7 @@ def test_decode_rejects_non_bytes():
         decode("not bytes")
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None, True, 1.0])
+@pytest.mark.parametrize("version", [0, 1, 3, "2", None, True, 2.0])
 def test_decode_rejects_version(version):
     body = raw_body(HEARTBEAT)
     body["v"] = version
@@ -240,6 +267,15 @@ def test_decode_rejects_bool_as_float():
     body["time_s"] = False
 
     with pytest.raises(WireError, match="must be float"):
+        decode(pack(body))
+
+
+@pytest.mark.parametrize("value", [0, 1, "true", None])
+def test_decode_rejects_non_bool_flag(value):
+    body = raw_body(ANSWER)
+    body["degraded"] = value
+
+    with pytest.raises(WireError, match="'degraded' must be bool"):
         decode(pack(body))
 
 
