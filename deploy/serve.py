@@ -1,0 +1,151 @@
+"""Serve a trained run: the brain and the arms answer classification requests.
+
+python -m deploy.serve RUN_DIR            # until Ctrl-C
+python -m deploy.load RUN_DIR --rate 20   # in another terminal
+
+The service's endpoints and token go to RUN_DIR/cluster.json (mode 0600), where
+the client, deploy/load.py, deploy/kill_arm.py and deploy/chaos.py find them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from common.config import ConfigError, RunConfig
+from common.logs import setup_logging
+from deploy.cluster import Cluster, ClusterError
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 180.0
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    """The config a run was trained with, from RUN_DIR/config.json."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: pass a run directory written by `python launch.py`"
+        )
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); restore it") from err
+    return RunConfig.from_dict(values)
+
+
+class Service:
+    """A local Ray cluster serving the `tag` checkpoints of `run_dir` (context manager)."""
+
+    def __init__(self, run_dir: str | Path, overrides: dict | None = None, tag="best"):
+        self.run_dir = Path(run_dir)
+        config = read_run_config(self.run_dir)
+        self.config = dataclasses.replace(config, **(overrides or {}))
+        self.tag = tag
+        self.cluster = Cluster(self.config)
+
+    def __enter__(self) -> Service:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        checkpoints = self.run_dir / "checkpoints"
+        missing = [
+            name
+            for name in [f"arm-{i}" for i in range(self.config.arms)] + ["brain"]
+            if not (checkpoints / f"{name}-{self.tag}.pt").is_file()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"{checkpoints} lacks the {self.tag} checkpoints of {missing}: serve a "
+                "run that finished training, or pass another --tag"
+            )
+        self.cluster.start()
+        self.cluster.create_service(str(self.run_dir), self.tag)
+        self.cluster.write_info(self.run_dir, service=self.cluster.service)
+        self.wait_live(self.config.arms, START_TIMEOUT_S)
+
+    def stats(self, timeout_s: float = 30.0) -> dict:
+        return ray.get(self.cluster.brain.stats.remote(), timeout=timeout_s)
+
+    def wait_live(self, count: int, timeout_s: float) -> dict:
+        """Wait until at least `count` arms are live; return the brain's stats."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                stats = self.stats()
+                if len(stats["live_arms"]) >= count:
+                    return stats
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                stats = {}
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"only {stats.get('live_arms', [])} of {self.config.arms} arms became "
+                    f"live within {timeout_s:.0f} s: see the actors' log lines above"
+                )
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.cluster.stop()
+        (self.run_dir / "cluster.json").unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "run_dir", type=Path, help="a run directory written by launch.py"
+    )
+    parser.add_argument("--tag", default="best", choices=["best", "last"])
+    parser.add_argument("--cpus", type=int, default=0, help="CPUs for Ray (0: all)")
+    parser.add_argument("--deadline-s", type=float, help="per-request deadline")
+    parser.add_argument("--heartbeat-timeout-s", type=float)
+    parser.add_argument("--actor-restarts", type=int)
+    parser.add_argument("--dashboard-port", type=int, default=0)
+    args = parser.parse_args(argv)
+    setup_logging("INFO")
+    overrides = {"cpus": float(args.cpus), "dashboard_port": args.dashboard_port}
+    for name in ("deadline_s", "heartbeat_timeout_s", "actor_restarts"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with Service(args.run_dir, overrides, args.tag) as service:
+            print(
+                f"serving {args.run_dir} on {service.cluster.service['client_endpoint']}"
+                f"; dashboard http://{service.cluster.dashboard_url}; Ctrl-C stops",
+                flush=True,
+            )
+            while not stop.wait(1.0):
+                pass
+    except KeyboardInterrupt:
+        pass
+    except (FileNotFoundError, ConfigError, ClusterError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
