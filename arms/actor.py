@@ -7,6 +7,7 @@ with no communication at all during its local phase, then pushes `features` and
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -169,6 +170,9 @@ class ArmActor:
             epoch,
         )
         self.server.start()
+        # A process that Ray or a signal shuts down gracefully stops heartbeating at
+        # once, so the brain leaves it out without waiting for it to exit.
+        atexit.register(self.server.halt)
         log.info(
             "arm %d %sserving its %s checkpoint (epoch %d), pid %d",
             self.arm_id,

@@ -9,7 +9,6 @@ when a restarted brain binds its ports again.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import threading
@@ -24,6 +23,7 @@ from common import wire
 log = logging.getLogger(__name__)
 
 POLL_MS = 100
+SERVING, EXITING = "serving", "exiting"  # heartbeat states
 MAX_BATCH_IMAGES = 2048  # images run through the arm in one forward pass
 
 InferFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -66,6 +66,30 @@ class ArmServer:
         for thread in self._threads:
             thread.start()
 
+    def halt(self) -> None:
+        """Stop, and tell the brain this arm is exiting (while the process shuts down).
+
+        A graceful shutdown (SIGTERM, ray.kill) can take a second; the brain leaves
+        the arm out as soon as this heartbeat arrives instead of at its timeout.
+        """
+        self._stop.set()
+        push = self.context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 200)  # ms to deliver it before the process ends
+        push.connect(self.pull_endpoint)
+        push.send(self._heartbeat(EXITING), zmq.NOBLOCK)
+        push.close()
+
+    def _heartbeat(self, state: str) -> bytes:
+        return wire.encode(
+            wire.HEARTBEAT,
+            token=self.token,
+            arm_id=self.arm_id,
+            time_s=time.time(),
+            epoch=self.epoch,
+            state=state,
+            pid=os.getpid(),
+        )
+
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
@@ -82,20 +106,10 @@ class ArmServer:
 
     def _heartbeats(self) -> None:
         push = self._push_socket(hwm=4)
-        pid = os.getpid()
         try:
             while not self._stop.is_set():
-                frame = wire.encode(
-                    wire.HEARTBEAT,
-                    token=self.token,
-                    arm_id=self.arm_id,
-                    time_s=time.time(),
-                    epoch=self.epoch,
-                    state="serving",
-                    pid=pid,
-                )
                 try:
-                    push.send(frame, zmq.NOBLOCK)
+                    push.send(self._heartbeat(SERVING), zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # no brain connected: the next heartbeat tries again
                 self._stop.wait(self.heartbeat_interval_s)
@@ -136,8 +150,8 @@ class ArmServer:
             except wire.WireError as err:
                 log.warning("arm %d dropped a malformed request: %s", self.arm_id, err)
                 continue
-            if message["type"] != wire.REQUEST or not hmac.compare_digest(
-                message["token"], self.token
+            if message["type"] != wire.REQUEST or not wire.token_matches(
+                message, self.token
             ):
                 continue
             batch = message["images"]

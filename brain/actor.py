@@ -6,7 +6,6 @@ plain arrays, so no gradient can reach an arm), evaluates and checkpoints.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import random
@@ -120,6 +119,7 @@ class BrainActor:
         self.server = BrainServer(
             self.model,
             self.config.arms,
+            self.config.bottleneck,
             (info.image_size, info.image_size, info.channels),
             self.token,
             self.context,
@@ -189,7 +189,7 @@ class BrainActor:
             except wire.WireError as err:
                 self._drop(f"malformed message: {err}")
                 continue
-            if not hmac.compare_digest(message["token"], self.token):
+            if not wire.token_matches(message, self.token):
                 self._drop(f"{message['type']} from outside this run (wrong token)")
                 continue
             if message["type"] == wire.HEARTBEAT:

@@ -44,7 +44,14 @@ class Liveness:
     def __init__(
         self, arms: int, timeout_s: float, miss_limit: int, backoff_s: float = 1.0
     ):
-        if arms < 1 or timeout_s <= 0 or miss_limit < 1 or backoff_s < 0:
+        if not (
+            arms >= 1
+            and math.isfinite(timeout_s)
+            and timeout_s > 0
+            and miss_limit >= 1
+            and math.isfinite(backoff_s)
+            and backoff_s >= 0
+        ):
             raise ValueError(
                 f"invalid liveness settings: arms {arms}, timeout {timeout_s} s, "
                 f"miss limit {miss_limit}, backoff {backoff_s} s"
@@ -67,10 +74,10 @@ class Liveness:
         """Record a heartbeat; an unknown, dead or restarted arm starts a probe."""
         arm = self.arms[arm_id]
         arm.last_heartbeat_s = now_s
+        if arm.status in (UNKNOWN, DEAD) and now_s < arm.retry_after_s:
+            return []  # the pid is kept, so the log shows the restart when probed
         old_pid, arm.pid = arm.pid, pid
         if arm.status in (UNKNOWN, DEAD):
-            if now_s < arm.retry_after_s:
-                return []
             where = f"pid {pid}" if arm.status == UNKNOWN else f"pid {old_pid} -> {pid}"
             return [self._move(arm_id, PROBING, f"heartbeat from {where}", now_s)]
         if old_pid and pid != old_pid:
@@ -82,6 +89,13 @@ class Liveness:
                 )
             ]
         return []
+
+    def leave(self, arm_id: int, now_s: float, pid: int) -> list[Change]:
+        """The arm's process said it is exiting: dead now, not at the timeout."""
+        arm = self.arms[arm_id]
+        if arm.status not in (PROBING, LIVE) or pid != arm.pid:
+            return []  # an old process's goodbye after its restart has been seen
+        return [self._kill(arm_id, f"process {pid} is exiting", now_s)]
 
     def check(self, now_s: float) -> list[Change]:
         """Mark dead every probing or live arm whose last heartbeat is too old."""

@@ -10,7 +10,6 @@ late are masked out of the nerve ring and the coordinator, never fed as zeros.
 from __future__ import annotations
 
 import collections
-import hmac
 import logging
 import threading
 import time
@@ -63,6 +62,7 @@ class BrainServer:
         self,
         model: torch.nn.Module,
         arms: int,
+        dim: int,
         image_shape: tuple[int, int, int],
         token: str,
         context: zmq.Context,
@@ -77,6 +77,7 @@ class BrainServer:
     ):
         self.model = model.eval()
         self.arms = arms
+        self.dim = dim
         self.image_shape = image_shape
         self.token = token
         self.deadline_s = deadline_s
@@ -182,7 +183,10 @@ class BrainServer:
             )
             return
         if message["type"] == wire.HEARTBEAT:
-            self._apply(self.liveness.heartbeat(arm_id, now, message["pid"]))
+            if message["state"] == "exiting":
+                self._apply(self.liveness.leave(arm_id, now, message["pid"]))
+            else:
+                self._apply(self.liveness.heartbeat(arm_id, now, message["pid"]))
             return
         if message["type"] != wire.ARM_REPLY:
             self._drop(f"{message['type']} message while serving")
@@ -205,20 +209,15 @@ class BrainServer:
 
     def _check_reply(self, message: dict, rows: int) -> str:
         features, logits = message["features"], message["logits"]
-        classes = self.model.num_classes
-        if (
-            features.ndim != 2
-            or features.shape[0] != rows
-            or logits.shape
-            != (
-                rows,
-                classes,
-            )
-        ):
+        expected = {
+            "features": (rows, self.dim),
+            "logits": (rows, self.model.num_classes),
+        }
+        if features.shape != expected["features"] or logits.shape != expected["logits"]:
             return (
                 f"arm {message['arm_id']} replied to {message['request_id']} with "
                 f"features {features.shape} and logits {logits.shape}, expected "
-                f"{rows} rows and {classes} classes"
+                f"{expected['features']} and {expected['logits']}"
             )
         if features.dtype.kind != "f" or logits.dtype.kind != "f":
             return f"arm {message['arm_id']} replied with non-float outputs"
@@ -339,15 +338,14 @@ class BrainServer:
             )
             return
         rows = pending.images
-        dim = pending.replies[arm_ids[0]][0].shape[1]
         classes = self.model.num_classes
-        features = torch.zeros(rows, self.arms, dim)
+        features = torch.zeros(rows, self.arms, self.dim)
         arm_logits = torch.zeros(rows, self.arms, classes)
         live = torch.zeros(rows, self.arms, dtype=torch.bool)
         for arm_id in arm_ids:
             arm_features, logits = pending.replies[arm_id]
-            features[:, arm_id] = torch.from_numpy(np.asarray(arm_features, np.float32))
-            arm_logits[:, arm_id] = torch.from_numpy(np.asarray(logits, np.float32))
+            features[:, arm_id] = torch.tensor(arm_features, dtype=torch.float32)
+            arm_logits[:, arm_id] = torch.tensor(logits, dtype=torch.float32)
             live[:, arm_id] = True
         logits, _ = self.model(features, arm_logits, live)
         degraded = len(arm_ids) < self.arms
@@ -407,7 +405,7 @@ class BrainServer:
         except wire.WireError as err:
             self._drop(f"malformed message from a {sender}: {err}")
             return None
-        if not hmac.compare_digest(message["token"], self.token):
+        if not wire.token_matches(message, self.token):
             self._drop(f"{message['type']} from outside this run (wrong token)")
             return None
         return message

@@ -117,8 +117,8 @@ class RunConfig:
 
     # Inference service.
     deadline_s: float = 0.25  # the brain answers from the arms that replied by then
-    heartbeat_interval_s: float = 0.05
-    heartbeat_timeout_s: float = 0.2  # an arm silent this long is dead
+    heartbeat_interval_s: float = 0.03
+    heartbeat_timeout_s: float = 0.15  # an arm silent this long is dead
     miss_limit: int = 3  # deadlines missed in a row that make a live arm dead
     git_revision: str = field(default="", compare=False)
 

@@ -8,6 +8,7 @@ array's dtype, shape and byte count; nothing is ever unpickled.
 
 from __future__ import annotations
 
+import hmac
 import math
 from typing import Any
 
@@ -87,6 +88,11 @@ SCHEMAS: dict[str, dict[str, str]] = {
 
 class WireError(ValueError):
     """A message could not be encoded or decoded. The error names the field that failed."""
+
+
+def token_matches(message: dict[str, Any], token: str) -> bool:
+    """Constant-time check of a decoded message's token (any characters allowed)."""
+    return hmac.compare_digest(message["token"].encode(), token.encode())
 
 
 def encode(message_type: str, **fields: Any) -> bytes:

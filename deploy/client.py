@@ -7,7 +7,8 @@ answer.predictions, answer.arm_ids, answer.degraded
 Requests go over a ZeroMQ DEALER socket to the brain's ROUTER. A request with no
 answer after `retry_s`, or refused as retryable, is sent again under the same id;
 the brain answers a retried id from its cache, and the client keeps the first
-answer only. After `max_attempts` sends a request is reported lost.
+answer only. After `max_attempts` sends (or `max_attempts * retry_s` seconds
+without a connection) a request is reported lost.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 import zmq
 
 from common import wire
+
+RECONNECT_RETRY_S = 0.02
 
 
 class ServiceError(RuntimeError):
@@ -118,12 +121,15 @@ class ServiceClient:
 
     def _send(self, request_id: str) -> None:
         request = self.pending[request_id]
-        request.attempts += 1
-        request.last_send_s = time.time()
+        now = time.time()
+        request.last_send_s = now
         try:
             self.dealer.send(request.frame, zmq.NOBLOCK)
         except zmq.Again:
-            pass  # no connection to the brain now: the retry timer sends it again
+            # Not connected yet, or the brain is down: try again shortly.
+            request.retry_at_s = now + RECONNECT_RETRY_S
+            return
+        request.attempts += 1
 
     def poll(self, timeout_s: float) -> list[tuple[Answer, dict]]:
         """Wait up to `timeout_s` for answers; return (answer, meta) for each ended request."""
@@ -175,7 +181,11 @@ class ServiceClient:
             if now < due:
                 continue
             request.retry_at_s = 0.0
-            if request.attempts >= self.max_attempts:
+            waited_s = now - request.sent_s
+            if (
+                request.attempts >= self.max_attempts
+                or waited_s > self.max_attempts * self.retry_s
+            ):
                 del self.pending[request_id]
                 answer = Answer(
                     request_id=request_id,

@@ -3,7 +3,7 @@
 python -m deploy.kill_arm RUN_DIR --arm 2 --how sigkill --after-requests 200
 
 `--how ray` uses ray.kill (Ray restarts the actor); `sigkill` and `sigterm` signal
-the arm's process. The kill waits for R answered requests or S seconds. Each kill
+the arm's process. The kill waits for R more answered requests or S seconds. Each kill
 and the arm's recovery (dead, probing, live) are appended to RUN_DIR/faults.jsonl,
 which deploy/load.py reads for its summary.
 """
@@ -20,8 +20,10 @@ from deploy import faults
 
 
 def wait_for_requests(count: int, timeout_s: float) -> None:
+    """Wait until the service has answered `count` more requests than it had now."""
     deadline = time.monotonic() + timeout_s
-    while faults.brain_stats()["answered"] < count:
+    target = faults.brain_stats()["answered"] + count
+    while faults.brain_stats()["answered"] < target:
         if time.monotonic() > deadline:
             raise faults.FaultError(
                 f"the service answered fewer than {count} requests in {timeout_s:.0f} s:"
