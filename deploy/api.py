@@ -44,6 +44,9 @@ class OctopusModel:
         self, images: np.ndarray, live: list[int] | None = None, batch_size: int = 500
     ) -> torch.Tensor:
         """Brain logits (B, C) for uint8 images (B, H, W[, C]); `live` lists the arms used."""
+        return self.predict_subsets(images, [live], batch_size)[0]
+
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[..., None]
@@ -53,13 +56,25 @@ class OctopusModel:
                 f"images have shape {images.shape} and dtype {images.dtype}; this "
                 f"{self.config.dataset} model takes uint8 (B, {', '.join(map(str, expected))})"
             )
-        live_ids = list(range(len(self.arms))) if live is None else list(live)
-        if not live_ids or not set(live_ids) <= set(range(len(self.arms))):
-            raise ValueError(
-                f"live arms {live} must be a non-empty subset of 0..{len(self.arms) - 1}"
-            )
+        return images
+
+    @torch.no_grad()
+    def predict_subsets(
+        self, images: np.ndarray, subsets: list, batch_size: int = 500
+    ) -> list[torch.Tensor]:
+        """Brain logits for each subset of live arms (None: all), arms run once."""
+        images = self._check_images(images)
+        everyone = list(range(len(self.arms)))
+        masks = []
+        for live in subsets:
+            live_ids = everyone if live is None else list(live)
+            if not live_ids or not set(live_ids) <= set(everyone):
+                raise ValueError(
+                    f"live arms {live} must be a non-empty subset of 0..{everyone[-1]}"
+                )
+            masks.append(live_ids)
         head_logits = self.config.brain_mode != "attention"
-        outputs = []
+        outputs: list[list[torch.Tensor]] = [[] for _ in masks]
         for start in range(0, len(images), batch_size):
             x = to_tensor(images[start : start + batch_size])
             per_arm = [
@@ -68,11 +83,12 @@ class OctopusModel:
             ]
             features = torch.stack([f for f, _ in per_arm], 1)
             arm_logits = torch.stack([lg for _, lg in per_arm], 1)
-            mask = torch.zeros(features.shape[:2], dtype=torch.bool)
-            mask[:, live_ids] = True
-            logits, _ = self.brain(features, arm_logits, mask)
-            outputs.append(logits)
-        return torch.cat(outputs)
+            for output, live_ids in zip(outputs, masks, strict=True):
+                mask = torch.zeros(features.shape[:2], dtype=torch.bool)
+                mask[:, live_ids] = True
+                logits, _ = self.brain(features, arm_logits, mask)
+                output.append(logits)
+        return [torch.cat(output) for output in outputs]
 
     def predict(self, images: np.ndarray, live: list[int] | None = None) -> np.ndarray:
         """Predicted class ids (B,) for uint8 images."""
@@ -82,7 +98,17 @@ class OctopusModel:
         self, images: np.ndarray, labels: np.ndarray, live: list[int] | None = None
     ) -> float:
         """Accuracy on (images, labels), optionally from a subset of live arms."""
-        return float((self.predict(images, live) == np.asarray(labels)).mean())
+        return self.evaluate_subsets(images, labels, [live])[0]
+
+    def evaluate_subsets(
+        self, images: np.ndarray, labels: np.ndarray, subsets: list
+    ) -> list[float]:
+        """Accuracy for each subset of live arms (None: all), arms run once."""
+        labels = torch.from_numpy(np.asarray(labels))
+        return [
+            float((logits.argmax(1) == labels).float().mean())
+            for logits in self.predict_subsets(images, subsets)
+        ]
 
 
 def load_run(run_dir: str | Path, tag: str = "best") -> OctopusModel:

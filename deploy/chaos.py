@@ -95,7 +95,11 @@ def plot_timeline(records: list[dict], fault_records: list[dict], path: Path) ->
     t = np.array([r["answered"] - start for r in answered])
     hits = np.array([r["correct"] / r["images"] for r in answered])
     window = max(1, min(25, len(hits) // 10))
-    smooth = np.convolve(hits, np.ones(window) / window, mode="same")
+    sums = np.cumsum(np.concatenate([[0.0], hits]))
+    # Trailing mean: each point averages the answers up to it, no look-ahead.
+    smooth = (
+        sums[1:] - sums[np.maximum(0, np.arange(1, len(sums)) - window)]
+    ) / np.minimum(np.arange(1, len(sums)), window)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     top.plot(t, smooth * 100, lw=1.2, label=f"accuracy (mean of {window} answers)")
     top.set_ylabel("accuracy (%)")
