@@ -97,7 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arms.add_argument(
         "--no-multiscale",
         action="store_true",
-        help="every arm sees full resolution instead of 32/16/8/4 px",
+        help="every arm sees full resolution instead of its --arm-scales share",
+    )
+    arms.add_argument(
+        "--arm-scales",
+        default=defaults.arm_scales,
+        help="each arm's downscale factor, comma-separated, cycling over the arms "
+        "(1,2,4,8 is the original's 32/16/8/4 px)",
     )
     arms.add_argument(
         "--width",
@@ -274,6 +280,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         arms=args.arms,
         arm_type=args.arm_type,
         multiscale=not args.no_multiscale,
+        arm_scales=args.arm_scales,
         width=args.width,
         depth=args.depth,
         bottleneck=args.bottleneck,

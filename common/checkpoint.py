@@ -74,6 +74,7 @@ RUN_KEYS = (
     "dataset",
     "arms",
     "arm_type",
+    "arm_scales",
     "width",
     "depth",
     "bottleneck",

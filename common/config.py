@@ -21,7 +21,6 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 # Resolution of each arm, largest first. Arm i of N takes entry i % 4.
-MULTISCALE = {32: (32, 16, 8, 4), 28: (28, 14, 7, 4)}
 
 
 class ConfigError(ValueError):
@@ -74,6 +73,10 @@ class RunConfig:
     arms: int = 4
     arm_type: str = "grouped"
     multiscale: bool = True
+    # Each arm's downscale factor, cycling over the arms: "1,1,2,2" gives 32, 32, 16
+    # and 16 px on CIFAR. Two arms per resolution, so no single loss leaves a scale
+    # unseen; the original's "1,2,4,8" (32/16/8/4 px) lost 8 points with its 32-px arm.
+    arm_scales: str = "1,1,2,2"
     width: int = 48  # channels of the first block; later blocks double it
     depth: int = 0  # blocks per arm; 0 picks by resolution (4 at 32 px, fewer below)
     bottleneck: int = 64
@@ -150,6 +153,12 @@ class RunConfig:
         _check_range("brain passes", self.brain_passes, 1, 100)
         _check_range("dropout", self.dropout, 0.0, 0.99)
         _check_range("arm dropout", self.arm_dropout, 0.0, 1.0)
+        parts = self.arm_scales.split(",")
+        if not all(p.strip().isdigit() and 1 <= int(p) <= 64 for p in parts):
+            raise ConfigError(
+                f"invalid arm scales {self.arm_scales!r}: give each arm's downscale "
+                "factor as whole numbers from 1 to 64 separated by commas, e.g. 1,1,2,2"
+            )
         _check_range("actor restarts", self.actor_restarts, 0, 1000)
         _check_range("deadline", self.deadline_s, 0.001, 600.0)
         _check_range("heartbeat interval", self.heartbeat_interval_s, 0.001, 60.0)
@@ -206,11 +215,12 @@ class RunConfig:
             )
         return cls(**values)
 
+    def scales(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.arm_scales.split(","))
+
     def arm_resolution(self, arm_id: int, image_size: int) -> int:
         """Input side length of arm `arm_id` (all arms see full size without multiscale)."""
         if not self.multiscale:
             return image_size
-        scales = MULTISCALE.get(image_size)
-        if scales is None:
-            scales = tuple(max(4, image_size >> i) for i in range(4))
-        return scales[arm_id % len(scales)]
+        scales = self.scales()
+        return max(4, image_size // scales[arm_id % len(scales)])

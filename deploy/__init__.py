@@ -6,7 +6,7 @@ import os
 # deduplication would fold into one. Ray reads this when it is first imported.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-# Scripts that join a running local cluster (deploy/kill_arm.py, deploy/chaos.py)
-# must present the token Ray saved when token authentication is on.
-if os.path.isfile(os.path.expanduser("~/.ray/auth_token")):
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Token authentication, Ray's default for a new local cluster, also for the scripts
+# that join one by its address (deploy/kill_arm.py, deploy/chaos.py): Ray turns it
+# on for those only when told. Set RAY_AUTH_MODE=disabled for a cluster without it.
+os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,46 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def run_launch(args: list[str], timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """Run launch.py with a free dashboard port, so a user's own cluster is no obstacle."""
+    own_port = "--report" in args or "--dashboard-port" in args
+    port = [] if own_port else ["--dashboard-port", str(free_port())]
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args, *port],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir):
+    """One short distributed training run on 3,000 real CIFAR-10 images."""
+    out = tmp_path_factory.mktemp("runs")
+    args = [
+        "--arms",
+        "4",
+        "--gpus",
+        "0",
+        "--dataset",
+        "cifar10",
+        "--epochs",
+        "2",
+        "--train-limit",
+        "3000",
+        "--val-size",
+        "500",
+        "--test-limit",
+        "1000",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(out),
+        "--run-name",
+        "short",
+    ]
+    result = run_launch(args)
+    return result, out / "short"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from arms.model import GroupedArm, OverlayArm, block_widths, build_arm, default_depth
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.datasets import DATASET_INFO
 
 
@@ -18,7 +18,7 @@ from common.datasets import DATASET_INFO
     [(32, (32, 16, 8, 4)), (28, (28, 14, 7, 4))],
 )
 def test_arm_resolution_multiscale(image_size, expected):
-    config = RunConfig(arms=8)
+    config = RunConfig(arms=8, arm_scales="1,2,4,8")
 
     resolutions = tuple(
         config.arm_resolution(arm_id, image_size) for arm_id in range(8)
@@ -26,6 +26,23 @@ def test_arm_resolution_multiscale(image_size, expected):
 
     assert resolutions[:4] == expected
     assert resolutions[4:] == expected  # arm i takes entry i % 4
+
+
+@pytest.mark.parametrize(
+    ("image_size", "expected"), [(32, [32, 32, 16, 16]), (28, [28, 28, 14, 14])]
+)
+def test_arm_resolution_default_pairs(image_size, expected):
+    config = RunConfig()
+
+    resolutions = [config.arm_resolution(arm_id, image_size) for arm_id in range(4)]
+
+    assert resolutions == expected
+
+
+@pytest.mark.parametrize("scales", ["", "0", "1,,2", "1.5", "a", "1,65", "-1"])
+def test_invalid_arm_scales_rejected(scales):
+    with pytest.raises(ConfigError, match="invalid arm scales"):
+        RunConfig(arm_scales=scales)
 
 
 @pytest.mark.parametrize("image_size", [32, 28])
@@ -63,7 +80,13 @@ def test_block_widths_class_multiples(num_classes, width):
 @pytest.mark.parametrize(("arm_id", "resolution"), [(0, 32), (1, 16), (2, 8), (3, 4)])
 def test_build_arm_cifar100_shapes(arm_type, arm_class, arm_id, resolution):
     torch.manual_seed(0)
-    config = RunConfig(dataset="cifar100", arm_type=arm_type, width=8, bottleneck=16)
+    config = RunConfig(
+        dataset="cifar100",
+        arm_type=arm_type,
+        width=8,
+        bottleneck=16,
+        arm_scales="1,2,4,8",
+    )
     arm = build_arm(config, arm_id, DATASET_INFO["cifar100"])
     images = torch.rand(2, 3, resolution, resolution)
 

@@ -228,7 +228,7 @@ def test_parameter_counts_match_arms(dataset):
 
 
 def test_multiscale_branches_follow_arm_resolutions():
-    model = build_multiscale_net(RunConfig(), CIFAR)
+    model = build_multiscale_net(RunConfig(arm_scales="1,2,4,8"), CIFAR)
 
     assert model.resolutions == [32, 16, 8, 4]
     assert [len(branch.blocks) for branch in model.branches] == [4, 3, 2, 1]

@@ -11,28 +11,14 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import run_launch
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.cluster
-
-
-def run_launch(args: list[str], timeout_s: float = 600) -> subprocess.CompletedProcess:
-    """Run launch.py with a free dashboard port, so a user's own cluster is no obstacle."""
-    own_port = "--report" in args or "--dashboard-port" in args
-    port = [] if own_port else ["--dashboard-port", str(free_port())]
-    return subprocess.run(
-        [sys.executable, str(REPO / "launch.py"), *args, *port],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
 
 
 def leftover_processes(stderr: str) -> list[str]:
@@ -57,36 +43,6 @@ def wait_for_no_leftovers(stderr: str, timeout_s: float = 30.0) -> list[str]:
         time.sleep(0.5)
         left = leftover_processes(stderr)
     return left
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, data_dir):
-    """One short distributed training run on 3,000 real CIFAR-10 images."""
-    out = tmp_path_factory.mktemp("runs")
-    args = [
-        "--arms",
-        "4",
-        "--gpus",
-        "0",
-        "--dataset",
-        "cifar10",
-        "--epochs",
-        "2",
-        "--train-limit",
-        "3000",
-        "--val-size",
-        "500",
-        "--test-limit",
-        "1000",
-        "--data-dir",
-        str(data_dir),
-        "--output-dir",
-        str(out),
-        "--run-name",
-        "short",
-    ]
-    result = run_launch(args)
-    return result, out / "short"
 
 
 def test_training_run_exits_cleanly(trained_run):

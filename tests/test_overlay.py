@@ -15,7 +15,7 @@ from common.overlay import apply_overlay, class_patterns, neutral_overlay, wrong
 MIN_PATTERN_DISTANCE = 0.1
 
 # Every (classes, side length) an arm receives: 32 px datasets have 10 or 100
-# classes, 28 px datasets have 10, and arms use the sizes of config.MULTISCALE.
+# classes, 28 px datasets have 10, and arms use 1, 1/2, 1/4 and 1/8 of the image side.
 ARM_INPUTS = [
     (10, 32),
     (10, 16),
