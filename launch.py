@@ -188,8 +188,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=defaults.brain_passes,
         help="passes over the streamed training outputs per epoch",
     )
+    brain.add_argument(
+        "--arm-dropout",
+        type=float,
+        default=defaults.arm_dropout,
+        help="module dropout: share of training samples with 1 to N-1 arms masked",
+    )
 
     run = parser.add_argument_group("run")
+    run.add_argument(
+        "--actor-restarts",
+        type=int,
+        default=defaults.actor_restarts,
+        help="times Ray restarts a killed arm; it resumes from its last checkpoint",
+    )
     run.add_argument(
         "--epochs",
         type=int,
@@ -295,6 +307,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         nerve_ring=not args.no_nerve_ring,
         brain_lr=args.brain_lr,
         brain_passes=args.brain_passes,
+        arm_dropout=args.arm_dropout,
+        actor_restarts=args.actor_restarts,
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
