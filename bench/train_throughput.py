@@ -35,6 +35,7 @@ from common.datasets import DATASET_INFO, load_dataset  # noqa: E402
 CONFIGS = {
     "default (grouped, width 48)": {},
     "original widths (overlay FF, 64/128/256)": {
+        "arm_scales": "1,2,4,8",
         "arm_type": "overlay",
         "width": 64,
         "depth": 3,

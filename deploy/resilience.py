@@ -54,6 +54,12 @@ ORIGINAL = [
 ]
 
 
+BASELINE_NAMES = {
+    "plain_cnn": "Backprop plain CNN, blocks zeroed",
+    "multiscale": "Backprop multiscale net + module dropout, branches masked",
+}
+
+
 def failure_cases(arms: int) -> list[tuple[int, ...]]:
     """No failure, every single arm, every pair."""
     singles = [(a,) for a in range(arms)]
@@ -181,6 +187,8 @@ def write_markdown(report: dict, path: Path) -> None:
             f"| {name} | {pct(normal)} | {pct(single)} | {pct(pair)} | "
             f"{(normal - single) * 100:.2f} pts |"
         )
+    lines.append("")
+    lines += [f"- {r['model']}: {r['description']}" for r in report["models"][1:]]
     lines += [
         "",
         "Killed for real: each case's arm actors were killed with ray.kill, the brain "
@@ -318,11 +326,10 @@ def baseline_rows(args, config) -> list[dict]:
     rows = []
     for model in results["models"].values():
         accuracy = {"none": model["test_accuracy"], **model["failure_test_accuracy"]}
-        rows.append(
-            summarize_model(
-                f"Backprop {model['name']}: {model['description']}", accuracy
-            )
+        row = summarize_model(
+            BASELINE_NAMES.get(model["name"], model["name"]), accuracy
         )
+        rows.append(row | {"description": model["description"]})
     return rows
 
 
