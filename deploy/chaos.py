@@ -192,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"summary": summary, "faults": fault_records}, indent=2) + "\n"
     )
     plot_timeline(records, fault_records, out.with_suffix(".png"))
+    with out.with_suffix(".jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
     print(format_summary(summary))
-    print(f"written {out}.json and {out}.png")
+    print(f"written {out}.json, {out}.jsonl (every answer) and {out}.png")
     return 1 if summary["lost"] else 0
 
 

@@ -7,8 +7,9 @@ answer.predictions, answer.arm_ids, answer.degraded
 Requests go over a ZeroMQ DEALER socket to the brain's ROUTER. A request with no
 answer after `retry_s`, or refused as retryable, is sent again under the same id;
 the brain answers a retried id from its cache, and the client keeps the first
-answer only. After `max_attempts` sends (or `max_attempts * retry_s` seconds
-without a connection) a request is reported lost.
+answer only. After `max_attempts` sends that got no answer, or `max_attempts *
+retry_s` seconds in all, a request is reported lost. A retryable refusal (no live
+arm yet, as just after a brain restart) is an answer: it does not use an attempt.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class _Request:
     sent_s: float
     last_send_s: float
     attempts: int = 0
+    refusals: int = 0
     retry_at_s: float = 0.0
     meta: dict = field(default_factory=dict)
 
@@ -155,6 +157,7 @@ class ServiceClient:
             self.duplicates += 1  # an answer to a retry that was answered already
             return None
         if message["error"] and message["retryable"]:
+            request.refusals += 1
             request.retry_at_s = time.time() + min(0.2, self.retry_s)
             return None
         del self.pending[message["request_id"]]
@@ -183,7 +186,7 @@ class ServiceClient:
             request.retry_at_s = 0.0
             waited_s = now - request.sent_s
             if (
-                request.attempts >= self.max_attempts
+                request.attempts - request.refusals >= self.max_attempts
                 or waited_s > self.max_attempts * self.retry_s
             ):
                 del self.pending[request_id]
@@ -194,7 +197,8 @@ class ServiceClient:
                     arm_ids=[],
                     degraded=True,
                     latency_ms=(now - request.sent_s) * 1000,
-                    error=f"no answer after {request.attempts} attempts",
+                    error=f"no answer after {request.attempts} sends "
+                    f"({request.refusals} refused as retryable) in {waited_s:.1f} s",
                     attempts=request.attempts,
                     sent_s=request.sent_s,
                     answered_s=now,

@@ -577,9 +577,33 @@ def test_no_live_arm_client_gives_up(service):
         answer = client.classify(images(batch=2), timeout_s=WAIT_S)
 
     assert answer.lost is True
-    assert answer.attempts == 3
-    assert answer.error == "no answer after 3 attempts"
-    assert service.stats()["refused"] == 3
+    assert answer.error.startswith("no answer after")
+    assert "refused as retryable" in answer.error
+    # Refusals are answers, not lost sends: the client gives up on time instead,
+    # after max_attempts * retry_s = 0.3 s (plus one poll interval).
+    assert 0.3 <= answer.latency_ms / 1000 < 0.3 + 1.0
+    assert service.stats()["refused"] >= 1
+
+
+def test_refusals_do_not_use_up_attempts(service):
+    """After a brain restart the arms need a moment: retries must outlast it."""
+    batch = images(batch=2)
+    with connected_client(service, retry_s=1.0, max_attempts=3) as client:
+        request_id = client.submit(batch)
+        ended = []
+        started = time.monotonic()
+        while time.monotonic() - started < 1.2:  # about six refusals, 0.2 s apart
+            ended += client.poll(0.05)
+        assert ended == []
+        for arm_id in range(ARMS):
+            service.start_arm(arm_id)
+        while not ended and time.monotonic() - started < WAIT_S:
+            ended += client.poll(0.05)
+
+    [(answer, _)] = ended
+    assert answer.request_id == request_id
+    assert answer.lost is False and answer.error == ""
+    assert service.stats()["refused"] > 3  # more refusals than max_attempts
 
 
 # An arm that comes back: probed after the backoff, then admitted or rejected.
