@@ -54,6 +54,7 @@ class ArmServer:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.epoch = epoch
         self.replies = 0
+        self.expired = 0
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(
@@ -150,9 +151,12 @@ class ArmServer:
             except wire.WireError as err:
                 log.warning("arm %d dropped a malformed request: %s", self.arm_id, err)
                 continue
-            if message["type"] != wire.REQUEST or not wire.token_matches(
+            if message["type"] != wire.ARM_REQUEST or not wire.token_matches(
                 message, self.token
             ):
+                continue
+            if time.time() > message["expires_s"]:
+                self.expired += 1  # the brain has answered without this arm already
                 continue
             batch = message["images"]
             if batch.dtype != np.uint8 or tuple(batch.shape[1:]) != self.image_shape:

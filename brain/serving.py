@@ -25,6 +25,7 @@ from common import wire
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_IMAGES = 1024
+MAX_PENDING = 64  # requests in progress; more are refused as retryable
 ANSWER_CACHE = 20_000  # answers kept for retried request ids
 CHECK_INTERVAL_S = 0.01
 PROBE_INTERVAL_S = 0.5
@@ -260,13 +261,25 @@ class BrainServer:
                 continue
             self.probe_count += 1
             self.probe_sent_s[arm_id] = now
-            frame = wire.encode(
-                wire.REQUEST,
-                token=self.token,
-                request_id=f"probe:{arm_id}:{self.probe_count}",
-                images=self.probe_images,
+            self._publish(
+                f"probe:{arm_id}:{self.probe_count}",
+                self.probe_images,
+                PROBE_INTERVAL_S,
             )
+
+    def _publish(self, request_id: str, images: np.ndarray, lifetime_s: float) -> None:
+        """Send a request to every arm; arms skip it after `lifetime_s`."""
+        frame = wire.encode(
+            wire.ARM_REQUEST,
+            token=self.token,
+            request_id=request_id,
+            images=images,
+            expires_s=time.time() + lifetime_s,
+        )
+        try:
             self.pub.send(frame, zmq.NOBLOCK)
+        except zmq.Again:  # PUB never blocks, but a full queue drops: the deadline acts
+            self.counters.dropped += 1
 
     # Clients: requests, duplicates and answers.
 
@@ -314,11 +327,20 @@ class BrainServer:
                 identity, request_id, "no live arm to answer from", retryable=True
             )
             return
+        if len(self.pending) >= MAX_PENDING:
+            # Load shedding: a burst (clients resending after a brain restart) would
+            # make every arm miss its deadlines; the client retries after a backoff.
+            self._refuse(
+                identity,
+                request_id,
+                f"overloaded: {len(self.pending)} requests in progress",
+                retryable=True,
+            )
+            return
         self.pending[request_id] = Pending(
             identity, len(images), now, now + self.deadline_s, live
         )
-        # The client's frame carries this run's token: forward it to the arms as is.
-        self.pub.send(frame, zmq.NOBLOCK)
+        self._publish(request_id, images, self.deadline_s)
 
     @torch.no_grad()
     def _finish(self, request_id: str, now: float, at_deadline: bool) -> None:

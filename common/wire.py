@@ -24,6 +24,7 @@ ARM_OUTPUT = "arm_output"
 END_OF_STREAM = "end_of_stream"
 HEARTBEAT = "heartbeat"
 REQUEST = "request"
+ARM_REQUEST = "arm_request"
 ARM_REPLY = "arm_reply"
 ANSWER = "answer"
 
@@ -62,6 +63,14 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "token": "str",
         "request_id": "str",
         "images": "array",
+    },
+    # The brain's copy of a request for the arms: an arm skips it once `expires_s`
+    # (wall clock) has passed, as the brain has answered without it by then.
+    ARM_REQUEST: {
+        "token": "str",
+        "request_id": "str",
+        "images": "array",
+        "expires_s": "float",
     },
     ARM_REPLY: {
         "token": "str",

@@ -64,8 +64,18 @@ def kill_loop(
                 kill = faults.kill(f"arm-{arm_id}", how, run_dir)
                 times = faults.wait_rejoin(arm_id, kill["time"], REJOIN_TIMEOUT_S)
                 records += [kill, _recovery(kill, times)]
+                if times["live"] is None:
+                    print(
+                        f"  arm-{arm_id} did not rejoin within {REJOIN_TIMEOUT_S:.0f} s "
+                        "(Ray stops restarting an actor after --actor-restarts); "
+                        "ending the chaos",
+                        flush=True,
+                    )
+                    return
             print(f"  {kill['target']} killed with {how}; back", flush=True)
             stop.wait(rng.uniform(*gap_s))
+    except faults.FaultError as err:
+        print(f"  chaos ended early: {err}", flush=True)
     finally:
         stop.set()
 

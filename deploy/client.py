@@ -15,6 +15,7 @@ arm yet, as just after a brain restart) is an answer: it does not use an attempt
 from __future__ import annotations
 
 import json
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -158,7 +159,10 @@ class ServiceClient:
             return None
         if message["error"] and message["retryable"]:
             request.refusals += 1
-            request.retry_at_s = time.time() + min(0.2, self.retry_s)
+            # Exponential backoff with jitter, so refused clients do not come back
+            # in step: 0.1, 0.2, 0.4 ... seconds, at most retry_s.
+            backoff_s = min(self.retry_s, 0.05 * 2**request.refusals)
+            request.retry_at_s = time.time() + backoff_s * random.uniform(0.5, 1.0)
             return None
         del self.pending[message["request_id"]]
         answer = Answer(

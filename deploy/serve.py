@@ -119,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=0, help="CPUs for Ray (0: all)")
     parser.add_argument("--deadline-s", type=float, help="per-request deadline")
     parser.add_argument("--heartbeat-timeout-s", type=float)
-    parser.add_argument("--actor-restarts", type=int)
+    parser.add_argument(
+        "--actor-restarts",
+        type=int,
+        default=100,
+        help="times Ray restarts a killed arm or brain before giving up",
+    )
     parser.add_argument("--dashboard-port", type=int, default=0)
     args = parser.parse_args(argv)
     setup_logging("INFO")

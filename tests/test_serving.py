@@ -16,6 +16,7 @@ import torch
 import zmq
 
 from arms.serving import ArmServer
+from brain import serving
 from brain.liveness import DEAD, LIVE, PROBING, Liveness
 from brain.model import build_brain
 from brain.serving import BrainServer
@@ -669,3 +670,68 @@ def test_wrong_feature_width_excluded(service):
 
     assert answer.error == ""
     assert answer.arm_ids == [0, 1, 2]
+
+
+# Load shedding: too many requests in progress, and requests that expired.
+
+
+def test_overload_refused_as_retryable(live_service, dealer, monkeypatch):
+    monkeypatch.setattr(serving, "MAX_PENDING", 2)
+    for arm_id in range(ARMS):
+        live_service.arm_models[arm_id].delay_s = 0.5  # keeps requests in progress
+    for n in range(3):
+        dealer.send(request(f"burst-{n}", images(batch=1, seed=n)))
+
+    answers = [receive(dealer) for _ in range(3)]
+
+    refused = [a for a in answers if a is not None and a["error"]]
+    assert len(refused) == 1
+    assert refused[0]["request_id"] == "burst-2"
+    assert refused[0]["error"].startswith("overloaded: 2 requests in progress")
+    assert refused[0]["retryable"] is True
+
+
+def test_arm_skips_expired_requests():
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pull = context.socket(zmq.PULL)
+    pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
+    pull_port = pull.bind_to_random_port("tcp://127.0.0.1")
+    arm = ArmServer(
+        0,
+        ArmModel(0),
+        TOKEN,
+        IMAGE_SHAPE,
+        context,
+        f"tcp://127.0.0.1:{pull_port}",
+        f"tcp://127.0.0.1:{pub_port}",
+        HEARTBEAT_INTERVAL_S,
+        epoch=0,
+    )
+    arm.start()
+    try:
+        wait_for(lambda: pull.poll(10), "the arm's first heartbeat")  # connected
+        time.sleep(0.2)  # the subscription reaches the PUB socket after the connection
+        for request_id, lifetime_s in (("stale", -1.0), ("fresh", 30.0)):
+            pub.send(
+                wire.encode(
+                    wire.ARM_REQUEST,
+                    token=TOKEN,
+                    request_id=request_id,
+                    images=images(batch=1),
+                    expires_s=time.time() + lifetime_s,
+                )
+            )
+        replies = []
+        deadline = time.monotonic() + WAIT_S
+        while not replies and time.monotonic() < deadline:
+            if pull.poll(50):
+                message = wire.decode(pull.recv())
+                if message["type"] == wire.ARM_REPLY:
+                    replies.append(message["request_id"])
+    finally:
+        arm.stop()
+        context.destroy(linger=0)
+
+    assert replies == ["fresh"]
+    assert arm.expired == 1

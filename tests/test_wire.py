@@ -15,6 +15,7 @@ from common.wire import (
     ANSWER,
     ARM_OUTPUT,
     ARM_REPLY,
+    ARM_REQUEST,
     END_OF_STREAM,
     HEARTBEAT,
     MAX_MESSAGE_BYTES,
@@ -58,6 +59,12 @@ def sample_fields(message_type: str) -> dict:
             "token": "0123abcd",
             "request_id": "c0ffee-17",
             "images": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+        },
+        ARM_REQUEST: {
+            "token": "0123abcd",
+            "request_id": "c0ffee-17",
+            "images": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+            "expires_s": 1796418434.5,
         },
         ARM_REPLY: {
             "token": "0123abcd",
