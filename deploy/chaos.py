@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from deploy import faults  # noqa: E402
 from deploy.client import ServiceClient, ServiceError  # noqa: E402
-from deploy.load import run_load, test_images  # noqa: E402
+from deploy.load import load_test_split, run_load  # noqa: E402
 from deploy.serve import read_run_config  # noqa: E402
 from deploy.timeline import format_summary, summarize  # noqa: E402
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--duration-s must be > 0 and --gap-s MIN MAX with 0 < MIN <= MAX")
     try:
         config = read_run_config(args.run_dir)
-        images, labels = test_images(args.run_dir, args.data_dir)
+        images, labels = load_test_split(args.run_dir, args.data_dir)
         faults.connect(args.run_dir)
         client = ServiceClient.from_run(args.run_dir)
     except (FileNotFoundError, ServiceError, faults.FaultError, ValueError) as err:

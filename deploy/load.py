@@ -25,7 +25,7 @@ from deploy.serve import read_run_config
 from deploy.timeline import format_summary, summarize
 
 
-def test_images(run_dir: Path, data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
+def load_test_split(run_dir: Path, data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
     """The test split of the run's dataset, as uint8 (N, H, W, C) and labels."""
     config = read_run_config(run_dir)
     data = load_dataset(config.dataset, data_dir or config.data_dir, config.download)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
-        images, labels = test_images(args.run_dir, args.data_dir)
+        images, labels = load_test_split(args.run_dir, args.data_dir)
         client = ServiceClient.from_run(
             args.run_dir, retry_s=args.retry_s, max_attempts=args.max_attempts
         )

@@ -32,7 +32,7 @@ from common.logs import setup_logging  # noqa: E402
 from deploy import faults  # noqa: E402
 from deploy.api import load_run  # noqa: E402
 from deploy.client import ServiceClient  # noqa: E402
-from deploy.load import run_load, test_images  # noqa: E402
+from deploy.load import load_test_split, run_load  # noqa: E402
 from deploy.serve import Service, read_run_config  # noqa: E402
 from deploy.training import git_revision  # noqa: E402
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("INFO")
     try:
         config = read_run_config(args.run_dir)
-        images, labels = test_images(args.run_dir, args.data_dir)
+        images, labels = load_test_split(args.run_dir, args.data_dir)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

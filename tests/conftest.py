@@ -13,6 +13,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
+# As deploy/__init__.py does, before any test module imports Ray: the tests that
+# join the service's cluster by address need token authentication turned on.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 # The unit tests use tiny tensors that gain nothing from intra-op threads, and one
 # thread keeps them from slowing a training run that shares the machine.
 torch.set_num_threads(1)

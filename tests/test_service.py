@@ -26,7 +26,7 @@ from conftest import REPO, free_port, run_launch
 from deploy import faults
 from deploy.api import load_run
 from deploy.client import ServiceClient
-from deploy.load import run_load, test_images
+from deploy.load import load_test_split, run_load
 
 pytestmark = pytest.mark.cluster
 
@@ -104,7 +104,7 @@ def stream_with_kills(run_dir: Path, images, labels) -> tuple[list[dict], list[d
 @pytest.fixture(scope="module")
 def streamed(service, data_dir):
     run_dir, _ = service
-    images, labels = test_images(run_dir, str(data_dir))
+    images, labels = load_test_split(run_dir, str(data_dir))
     images, labels = images[:1000], labels[:1000]
     records, kills = stream_with_kills(run_dir, images, labels)
     # The killed arms come back: wait for their readmission before checking it.
