@@ -139,7 +139,7 @@ class ArmServer:
             push.close(linger=0)
 
     def _read_requests(self, sub: zmq.Socket) -> list[tuple[str, np.ndarray]]:
-        """Every request queued now, up to MAX_BATCH_IMAGES images in all."""
+        """Read every queued request, up to MAX_BATCH_IMAGES images in all."""
         requests, images = [], 0
         while images < MAX_BATCH_IMAGES:
             try:

@@ -91,7 +91,7 @@ class Liveness:
         return []
 
     def leave(self, arm_id: int, now_s: float, pid: int) -> list[Change]:
-        """The arm's process said it is exiting: dead now, not at the timeout."""
+        """Mark an arm dead now because its process sent an exiting heartbeat."""
         arm = self.arms[arm_id]
         if arm.status not in (PROBING, LIVE) or pid != arm.pid:
             return []  # an old process's goodbye after its restart has been seen
@@ -114,7 +114,7 @@ class Liveness:
         return changes
 
     def admit(self, arm_id: int, now_s: float, reason: str) -> list[Change]:
-        """A probing arm passed its health check."""
+        """Admit a probing arm that passed its health check."""
         arm = self.arms[arm_id]
         if arm.status != PROBING:
             return []
@@ -123,7 +123,7 @@ class Liveness:
         return [self._move(arm_id, LIVE, reason, now_s)]
 
     def reject(self, arm_id: int, now_s: float, reason: str) -> list[Change]:
-        """A probing arm failed its health check: dead, probed again after the backoff."""
+        """Mark dead a probing arm that failed its health check; probe it after the backoff."""
         if self.arms[arm_id].status != PROBING:
             return []
         return [self._kill(arm_id, reason, now_s)]
@@ -132,7 +132,7 @@ class Liveness:
         self.arms[arm_id].misses = 0
 
     def missed(self, arm_id: int, now_s: float) -> list[Change]:
-        """A live arm missed a request's deadline; `miss_limit` in a row make it dead."""
+        """Count a missed deadline of a live arm; `miss_limit` in a row make it dead."""
         arm = self.arms[arm_id]
         if arm.status != LIVE:
             return []

@@ -278,7 +278,7 @@ class BrainServer:
         )
         try:
             self.pub.send(frame, zmq.NOBLOCK)
-        except zmq.Again:  # PUB never blocks, but a full queue drops: the deadline acts
+        except zmq.Again:  # not expected with PUB, which drops at its high-water mark
             self.counters.dropped += 1
 
     # Clients: requests, duplicates and answers.

@@ -26,7 +26,7 @@ from deploy.timeline import format_summary, summarize
 
 
 def load_test_split(run_dir: Path, data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """The test split of the run's dataset, as uint8 (N, H, W, C) and labels."""
+    """Load the test split of the run's dataset as uint8 (N, H, W, C) and labels."""
     config = read_run_config(run_dir)
     data = load_dataset(config.dataset, data_dir or config.data_dir, config.download)
     images = data.x_test if data.x_test.ndim == 4 else data.x_test[..., None]

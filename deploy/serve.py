@@ -31,7 +31,7 @@ START_TIMEOUT_S = 180.0
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
-    """The config a run was trained with, from RUN_DIR/config.json."""
+    """Read the config a run was trained with from RUN_DIR/config.json."""
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
