@@ -155,6 +155,8 @@ class ArmServer:
                 message, self.token
             ):
                 continue
+            # NOTE: compares wall clocks of the brain's host and this one; across
+            # nodes, clock skew beyond the deadline would drop or keep requests.
             if time.time() > message["expires_s"]:
                 self.expired += 1  # the brain has answered without this arm already
                 continue
