@@ -47,7 +47,9 @@ def test_readme_example_runs(tmp_path, data_dir):
     assert values["brain_mode"] == "logit"
     assert values["epochs"] == 1
     assert values["predictions"] == 500
-    assert values["in_process"] > 0.2  # chance is 0.1
+    # Chance is 0.10 on 500 images (std 0.013); 2,000 training images for one
+    # epoch give about 0.2.
+    assert values["in_process"] > 0.15
     assert values["in_process"] == pytest.approx(values["distributed"], abs=0.005)
     assert values["reloaded"] == values["in_process"]
     assert values["without_arm_0"] > 0.15
