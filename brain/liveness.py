@@ -139,7 +139,8 @@ class Liveness:
         arm.misses += 1
         if arm.misses < self.miss_limit:
             return []
-        return [self._kill(arm_id, f"missed {arm.misses} deadlines in a row", now_s)]
+        reason = f"missed {arm.misses} deadlines in a row (raise --deadline-s on a busy host)"
+        return [self._kill(arm_id, reason, now_s)]
 
     def _kill(self, arm_id: int, reason: str, now_s: float) -> Change:
         arm = self.arms[arm_id]

@@ -138,8 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("run_dir", type=Path, help="a run served by deploy.serve")
-    parser.add_argument("--duration-s", type=float, default=60.0)
-    parser.add_argument("--gap-s", type=float, nargs=2, default=(2.0, 5.0))
+    parser.add_argument(
+        "--duration-s", type=float, default=60.0, help="seconds of kills"
+    )
+    parser.add_argument(
+        "--gap-s",
+        type=float,
+        nargs=2,
+        default=(2.0, 5.0),
+        metavar=("MIN", "MAX"),
+        help="seconds between a victim's return and the next kill",
+    )
     parser.add_argument(
         "--how",
         nargs="+",
@@ -147,11 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         default=list(faults.KILL_METHODS),
     )
     parser.add_argument("--brain", action="store_true", help="kill the brain too")
-    parser.add_argument("--brain-share", type=float, default=0.25)
+    parser.add_argument(
+        "--brain-share",
+        type=float,
+        default=0.25,
+        help="with --brain, the share of kills aimed at the brain",
+    )
     parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
     parser.add_argument("--batch-size", type=int, default=16, help="images per request")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--seed", type=int, default=0, help="of the random kills")
+    parser.add_argument("--data-dir", default="", help="default: the run's")
     args = parser.parse_args(argv)
     if args.duration_s <= 0 or not 0 < args.gap_s[0] <= args.gap_s[1]:
         parser.error("--duration-s must be > 0 and --gap-s MIN MAX with 0 < MIN <= MAX")
@@ -206,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         f.writelines(json.dumps(r) + "\n" for r in records)
     print(format_summary(summary))
     print(f"written {out}.json, {out}.jsonl (every answer) and {out}.png")
-    return 1 if summary["lost"] else 0
+    if summary["lost"]:
+        print(f"{summary['lost']} requests lost: exit status 1", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -254,7 +254,8 @@ class Cluster:
             "namespace": self.namespace,
             "dashboard_url": self.dashboard_url,
             "driver_pid": os.getpid(),
-            "process_ids": self.process_ids,
+            # Ray gives a restarted actor a new process: these are the first ones.
+            "process_ids_at_start": self.process_ids,
             **extra,
         }
         # The file may hold the service token: readable by this user only.

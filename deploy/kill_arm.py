@@ -39,11 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--arm", type=int, required=True, help="arm id K")
-    parser.add_argument("--how", choices=faults.KILL_METHODS, default="sigkill")
+    parser.add_argument(
+        "--how",
+        choices=faults.KILL_METHODS,
+        default="sigkill",
+        help="ray.kill (Ray restarts it), or a signal to the arm's process",
+    )
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--after-requests", type=int, default=0, help="R answered")
     when.add_argument("--after-seconds", type=float, default=0.0, help="S seconds")
-    parser.add_argument("--wait-rejoin-s", type=float, default=120.0)
+    parser.add_argument(
+        "--wait-rejoin-s",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the arm to be readmitted",
+    )
     args = parser.parse_args(argv)
     if args.after_requests < 0 or args.after_seconds < 0 or args.arm < 0:
         parser.error("--arm, --after-requests and --after-seconds must be >= 0")

@@ -125,9 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
     parser.add_argument("--batch-size", type=int, default=16, help="images per request")
     parser.add_argument("--requests", type=int, default=500, help="0: use --duration-s")
-    parser.add_argument("--duration-s", type=float, default=0.0)
-    parser.add_argument("--retry-s", type=float, default=2.0)
-    parser.add_argument("--max-attempts", type=int, default=10)
+    parser.add_argument(
+        "--duration-s", type=float, default=0.0, help="seconds to send for"
+    )
+    parser.add_argument(
+        "--retry-s", type=float, default=2.0, help="seconds before a request is resent"
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=10,
+        help="unanswered sends (or times --retry-s seconds) before a request is lost",
+    )
     parser.add_argument("--data-dir", default="", help="default: the run's")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -164,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(format_summary(summary))
     print(f"answers in {out}")
-    return 1 if summary["lost"] else 0
+    if summary["lost"]:
+        print(f"{summary['lost']} requests lost: exit status 1", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -115,23 +116,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "run_dir", type=Path, help="a run directory written by launch.py"
     )
-    parser.add_argument("--tag", default="best", choices=["best", "last"])
+    defaults = RunConfig()
+    parser.add_argument(
+        "--tag",
+        default="best",
+        choices=["best", "last"],
+        help="checkpoints to serve: best by validation, or the last epoch's",
+    )
     parser.add_argument("--cpus", type=int, default=0, help="CPUs for Ray (0: all)")
-    parser.add_argument("--deadline-s", type=float, help="per-request deadline")
-    parser.add_argument("--heartbeat-timeout-s", type=float)
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=defaults.deadline_s,
+        help="seconds a request waits for the arms; raise it on a busy host",
+    )
+    parser.add_argument(
+        "--heartbeat-timeout-s",
+        type=float,
+        default=defaults.heartbeat_timeout_s,
+        help="seconds of silence after which an arm is dead; raise it on a busy host",
+    )
     parser.add_argument(
         "--actor-restarts",
         type=int,
         default=100,
         help="times Ray restarts a killed arm or brain before giving up",
     )
-    parser.add_argument("--dashboard-port", type=int, default=0)
+    parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=0,
+        help="Ray dashboard port on 127.0.0.1 (0: 8265, or a free one)",
+    )
     args = parser.parse_args(argv)
     setup_logging("INFO")
-    overrides = {"cpus": float(args.cpus), "dashboard_port": args.dashboard_port}
-    for name in ("deadline_s", "heartbeat_timeout_s", "actor_restarts"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
+    overrides = {
+        "cpus": float(args.cpus),
+        "dashboard_port": args.dashboard_port,
+        "deadline_s": args.deadline_s,
+        "heartbeat_timeout_s": args.heartbeat_timeout_s,
+        "actor_restarts": args.actor_restarts,
+    }
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -139,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         with Service(args.run_dir, overrides, args.tag) as service:
             print(
                 f"serving {args.run_dir} on {service.cluster.service['client_endpoint']}"
-                f"; dashboard http://{service.cluster.dashboard_url}; Ctrl-C stops",
+                f"; dashboard http://{service.cluster.dashboard_url}; Ctrl-C or "
+                f"SIGTERM (kill {os.getpid()}) stops",
                 flush=True,
             )
             while not stop.wait(1.0):
