@@ -131,6 +131,7 @@ class BrainActor:
             liveness,
             self.telemetry,
             seed=self.config.seed,
+            client_token=serve["client_token"],
         )
         self.server.start()
         if restarted:

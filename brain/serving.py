@@ -24,7 +24,9 @@ from common import wire
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_IMAGES = 1024
+MAX_REQUEST_IMAGES = 256
+MAX_CLIENT_FRAME_BYTES = 4 * 1024 * 1024
+PER_IMAGE_S = 0.002  # deadline allowance per image: the 32-px arm infers ~1 ms each
 MAX_PENDING = 64  # requests in progress; more are refused as retryable
 ANSWER_CACHE = 20_000  # answers kept for retried request ids
 CHECK_INTERVAL_S = 0.01
@@ -38,7 +40,7 @@ DRAIN = 256  # messages read per socket per loop turn
 class Pending:
     """A request fanned out to the arms, waiting for their replies."""
 
-    identity: bytes
+    identities: list[bytes]  # every client that sent this id
     images: int
     started_s: float
     deadline_s: float
@@ -75,12 +77,17 @@ class BrainServer:
         liveness: Liveness,
         telemetry=None,
         seed: int = 0,
+        client_token: str | None = None,
     ):
+        """`token` authenticates the arms' frames and never leaves the brain;
+        clients present `client_token` (the same as `token` when not given).
+        """
         self.model = model.eval()
         self.arms = arms
         self.dim = dim
         self.image_shape = image_shape
         self.token = token
+        self.client_token = token if client_token is None else client_token
         self.deadline_s = deadline_s
         self.liveness = liveness
         self.telemetry = telemetry
@@ -90,7 +97,9 @@ class BrainServer:
         self.pub.setsockopt(zmq.SNDHWM, 1000)
         self.router = context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+        # The largest valid request is MAX_REQUEST_IMAGES images of 32x32x3 bytes
+        # plus a header: larger frames end the client's connection unread.
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_FRAME_BYTES)
         self.pub.bind(f"tcp://{host}:{pub_port}")
         self.router.bind(f"tcp://{host}:{client_port}")
 
@@ -269,9 +278,11 @@ class BrainServer:
 
     def _publish(self, request_id: str, images: np.ndarray, lifetime_s: float) -> None:
         """Send a request to every arm; arms skip it after `lifetime_s`."""
+        # Anyone on the host may subscribe to the PUB socket, so these frames carry
+        # no secret; arms take requests only from the brain they connected to.
         frame = wire.encode(
             wire.ARM_REQUEST,
-            token=self.token,
+            token="",
             request_id=request_id,
             images=images,
             expires_s=time.time() + lifetime_s,
@@ -302,8 +313,8 @@ class BrainServer:
             self.counters.duplicates += 1
             if cached is not None:
                 self.router.send_multipart([identity, cached])
-            else:
-                self.pending[request_id].identity = identity
+            elif identity not in self.pending[request_id].identities:
+                self.pending[request_id].identities.append(identity)
             return
         images = message["images"]
         if (
@@ -337,10 +348,11 @@ class BrainServer:
                 retryable=True,
             )
             return
+        deadline_s = self.deadline_s + PER_IMAGE_S * len(images)
         self.pending[request_id] = Pending(
-            identity, len(images), now, now + self.deadline_s, live
+            [identity], len(images), now, now + deadline_s, live
         )
-        self._publish(request_id, images, self.deadline_s)
+        self._publish(request_id, images, deadline_s)
 
     @torch.no_grad()
     def _finish(self, request_id: str, now: float, at_deadline: bool) -> None:
@@ -353,7 +365,7 @@ class BrainServer:
         arm_ids = sorted(pending.replies)
         if not arm_ids:
             self._refuse(
-                pending.identity,
+                pending.identities,
                 request_id,
                 f"no arm answered within the {self.deadline_s * 1000:.0f} ms deadline",
                 retryable=True,
@@ -374,7 +386,7 @@ class BrainServer:
         latency_ms = (time.monotonic() - pending.started_s) * 1000
         frame = wire.encode(
             wire.ANSWER,
-            token=self.token,
+            token="",
             request_id=request_id,
             logits=logits.float().numpy(),
             predictions=logits.argmax(1).numpy().astype(np.int64),
@@ -384,21 +396,25 @@ class BrainServer:
             error="",
             retryable=False,
         )
-        self._send_answer(pending.identity, request_id, frame)
+        self._send_answer(pending.identities, request_id, frame)
         self.counters.answered += 1
         self.counters.degraded += degraded
         if self.telemetry is not None:
             self.telemetry.answered("request", latency_ms, degraded=degraded)
 
     def _refuse(
-        self, identity: bytes, request_id: str, reason: str, retryable: bool = False
+        self,
+        identity: bytes | list[bytes],
+        request_id: str,
+        reason: str,
+        retryable: bool = False,
     ) -> None:
         """Answer with an error instead of logits; retryable ones are not cached."""
         self.counters.refused += 1
         empty = np.zeros(0, dtype=np.int64)
         frame = wire.encode(
             wire.ANSWER,
-            token=self.token,
+            token="",
             request_id=request_id,
             logits=np.zeros((0, self.model.num_classes), dtype=np.float32),
             predictions=empty,
@@ -409,12 +425,16 @@ class BrainServer:
             retryable=retryable,
         )
         if retryable:
-            self.router.send_multipart([identity, frame])
+            for client in [identity] if isinstance(identity, bytes) else identity:
+                self.router.send_multipart([client, frame])
         else:
             self._send_answer(identity, request_id, frame)
 
-    def _send_answer(self, identity: bytes, request_id: str, frame: bytes) -> None:
-        self.router.send_multipart([identity, frame])
+    def _send_answer(
+        self, identity: bytes | list[bytes], request_id: str, frame: bytes
+    ) -> None:
+        for client in [identity] if isinstance(identity, bytes) else identity:
+            self.router.send_multipart([client, frame])
         self.answers[request_id] = frame
         while len(self.answers) > ANSWER_CACHE:
             self.answers.popitem(last=False)
@@ -427,7 +447,8 @@ class BrainServer:
         except wire.WireError as err:
             self._drop(f"malformed message from a {sender}: {err}")
             return None
-        if not wire.token_matches(message, self.token):
+        token = self.client_token if sender == "client" else self.token
+        if not wire.token_matches(message, token):
             self._drop(f"{message['type']} from outside this run (wrong token)")
             return None
         return message

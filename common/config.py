@@ -154,7 +154,7 @@ class RunConfig:
         _check_range("dropout", self.dropout, 0.0, 0.99)
         _check_range("arm dropout", self.arm_dropout, 0.0, 1.0)
         parts = self.arm_scales.split(",")
-        if not all(p.strip().isdigit() and 1 <= int(p) <= 64 for p in parts):
+        if not all(p.isascii() and p.isdigit() and 1 <= int(p) <= 64 for p in parts):
             raise ConfigError(
                 f"invalid arm scales {self.arm_scales!r}: give each arm's downscale "
                 "factor as whole numbers from 1 to 64 separated by commas, e.g. 1,1,2,2"

@@ -26,6 +26,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from deploy import faults  # noqa: E402
+from deploy.cli import (  # noqa: E402
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from deploy.client import ServiceClient, ServiceError  # noqa: E402
 from deploy.load import load_test_split, run_load  # noqa: E402
 from deploy.serve import read_run_config  # noqa: E402
@@ -139,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", type=Path, help="a run served by deploy.serve")
     parser.add_argument(
-        "--duration-s", type=float, default=60.0, help="seconds of kills"
+        "--duration-s", type=positive_float, default=60.0, help="seconds of kills"
     )
     parser.add_argument(
         "--gap-s",
-        type=float,
+        type=positive_float,
         nargs=2,
         default=(2.0, 5.0),
         metavar=("MIN", "MAX"),
@@ -158,12 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--brain", action="store_true", help="kill the brain too")
     parser.add_argument(
         "--brain-share",
-        type=float,
+        type=non_negative_float,
         default=0.25,
         help="with --brain, the share of kills aimed at the brain",
     )
-    parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per request")
+    parser.add_argument(
+        "--rate", type=positive_float, default=20.0, help="requests per second"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=16, help="images per request"
+    )
     parser.add_argument("--seed", type=int, default=0, help="of the random kills")
     parser.add_argument("--data-dir", default="", help="default: the run's")
     args = parser.parse_args(argv)

@@ -79,6 +79,8 @@ class Cluster:
     ray_address: str = ""
     service: dict = field(default_factory=dict)
     data_ref: object = None
+    arm_token: str = ""
+    loaded_tag: str = ""  # the checkpoints every actor holds now; empty while training
 
     def __enter__(self) -> Cluster:
         return self
@@ -276,12 +278,15 @@ class Cluster:
         ports = {
             name: free_port(host) for name in ("pull_port", "pub_port", "client_port")
         }
-        token = secrets.token_hex(16)
+        # Two secrets: the arms' token travels only through Ray; the clients' token
+        # goes to cluster.json (mode 0600) for clients of the same user.
+        token = self.arm_token = secrets.token_hex(16)
+        client_token = secrets.token_hex(16)
         self.service = {
             "client_endpoint": f"tcp://{host}:{ports['client_port']}",
             "pull_endpoint": f"tcp://{host}:{ports['pull_port']}",
             "pub_endpoint": f"tcp://{host}:{ports['pub_port']}",
-            "token": token,
+            "token": client_token,
             "tag": tag,
             "run_dir": run_dir,
             "dataset": config.dataset,
@@ -301,7 +306,7 @@ class Cluster:
                 None,
                 run_dir,
                 token,
-                serve={**ports, "tag": tag},
+                serve={**ports, "tag": tag, "client_token": client_token},
             )
         )
         self.process_ids["brain"] = self._get(
@@ -341,7 +346,7 @@ class Cluster:
                 self.service["run_dir"],
                 max(1, int(cpu_share)),
                 self.service["pull_endpoint"],
-                self.service["token"],
+                self.arm_token,
                 serve={
                     "pub_endpoint": self.service["pub_endpoint"],
                     "tag": self.service["tag"],

@@ -105,16 +105,31 @@ def wait_rejoin(arm_id: int, killed_s: float, timeout_s: float) -> dict:
     process (probing) and readmitted it; a time the wait ran out before is None.
     """
     deadline = time.monotonic() + timeout_s
-    times = {"dead": None, "probing": None, "live": None}
-    while time.monotonic() < deadline:
-        for change in brain_stats()["changes"]:
-            if change["arm_id"] != arm_id or change["time"] < killed_s - 0.05:
-                continue
-            if times.get(change["new"]) is None and change["new"] in times:
-                times[change["new"]] = change["time"]
-        if times["live"] is not None and times["dead"] is not None:
-            break
+    while True:
+        times = rejoin_times(brain_stats()["changes"], arm_id, killed_s)
+        if times["live"] is not None or time.monotonic() > deadline:
+            return times
         time.sleep(0.2)
+
+
+def rejoin_times(changes: list[dict], arm_id: int, killed_s: float) -> dict:
+    """The first death after the kill, then the first probe and readmission after it."""
+    times = {"dead": None, "probing": None, "live": None}
+    for change in sorted(changes, key=lambda c: c["time"]):
+        # 10 ms: the brain's change times are converted from its monotonic clock.
+        if change["arm_id"] != arm_id or change["time"] < killed_s - 0.01:
+            continue
+        if times["dead"] is None:
+            if change["new"] == "dead":
+                times["dead"] = change["time"]
+        elif times["probing"] is None:
+            if change["new"] == "probing":
+                times["probing"] = change["time"]
+        elif change["new"] == "live":
+            times["live"] = change["time"]
+            break
+        elif change["new"] == "dead":  # the probe failed: wait for the next one
+            times["probing"] = None
     return times
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from deploy import faults
+from deploy.cli import non_negative_float, non_negative_int, positive_float
 
 
 def wait_for_requests(count: int, timeout_s: float) -> None:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--arm", type=int, required=True, help="arm id K")
+    parser.add_argument("--arm", type=non_negative_int, required=True, help="arm id K")
     parser.add_argument(
         "--how",
         choices=faults.KILL_METHODS,
@@ -46,11 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         help="ray.kill (Ray restarts it), or a signal to the arm's process",
     )
     when = parser.add_mutually_exclusive_group()
-    when.add_argument("--after-requests", type=int, default=0, help="R answered")
-    when.add_argument("--after-seconds", type=float, default=0.0, help="S seconds")
+    when.add_argument(
+        "--after-requests", type=non_negative_int, default=0, help="R answered"
+    )
+    when.add_argument(
+        "--after-seconds", type=non_negative_float, default=0.0, help="S seconds"
+    )
     parser.add_argument(
         "--wait-rejoin-s",
-        type=float,
+        type=positive_float,
         default=120.0,
         help="seconds to wait for the arm to be readmitted",
     )

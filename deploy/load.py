@@ -20,6 +20,12 @@ import numpy as np
 from tqdm import tqdm
 
 from common.datasets import DatasetError, load_dataset
+from deploy.cli import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from deploy.client import ServiceClient, ServiceError
 from deploy.serve import read_run_config
 from deploy.timeline import format_summary, summarize
@@ -122,18 +128,27 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("run_dir", type=Path, help="a run served by deploy.serve")
-    parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per request")
-    parser.add_argument("--requests", type=int, default=500, help="0: use --duration-s")
     parser.add_argument(
-        "--duration-s", type=float, default=0.0, help="seconds to send for"
+        "--rate", type=positive_float, default=20.0, help="requests per second"
     )
     parser.add_argument(
-        "--retry-s", type=float, default=2.0, help="seconds before a request is resent"
+        "--batch-size", type=positive_int, default=16, help="images per request"
+    )
+    parser.add_argument(
+        "--requests", type=non_negative_int, default=500, help="0: use --duration-s"
+    )
+    parser.add_argument(
+        "--duration-s", type=non_negative_float, default=0.0, help="seconds to send for"
+    )
+    parser.add_argument(
+        "--retry-s",
+        type=positive_float,
+        default=2.0,
+        help="seconds before a request is resent",
     )
     parser.add_argument(
         "--max-attempts",
-        type=int,
+        type=positive_int,
         default=10,
         help="unanswered sends (or times --retry-s seconds) before a request is lost",
     )

@@ -31,6 +31,7 @@ from common.datasets import DATASET_INFO  # noqa: E402
 from common.logs import setup_logging  # noqa: E402
 from deploy import faults  # noqa: E402
 from deploy.api import load_run  # noqa: E402
+from deploy.cli import non_negative_int, positive_float  # noqa: E402
 from deploy.client import ServiceClient  # noqa: E402
 from deploy.load import load_test_split, run_load  # noqa: E402
 from deploy.serve import Service, read_run_config  # noqa: E402
@@ -240,11 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--data-dir", default="", help="default: the run's")
-    parser.add_argument("--test-limit", type=int, default=0, help="0: whole test set")
-    parser.add_argument("--cpus", type=int, default=0, help="CPUs for Ray (0: all)")
+    parser.add_argument(
+        "--test-limit", type=non_negative_int, default=0, help="0: whole test set"
+    )
+    parser.add_argument(
+        "--cpus", type=non_negative_int, default=0, help="CPUs for Ray (0: all)"
+    )
     parser.add_argument(
         "--heartbeat-timeout-s",
-        type=float,
+        type=positive_float,
         default=0.5,
         help="seconds of silence before a live arm is dead; above the serving "
         "default, so a busy host does not lose arms that were not killed",
@@ -255,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         default="reuse",
         help="reuse RUN_DIR/baselines.json when present, else train",
     )
-    parser.add_argument("--baseline-epochs", type=int, default=0, help="0: the run's")
+    parser.add_argument(
+        "--baseline-epochs", type=non_negative_int, default=0, help="0: the run's"
+    )
     args = parser.parse_args(argv)
     setup_logging("INFO")
     try:

@@ -24,6 +24,7 @@ import ray
 
 from common.config import ConfigError, RunConfig
 from common.logs import setup_logging
+from deploy.cli import non_negative_int, positive_float
 from deploy.cluster import Cluster, ClusterError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
         )
     try:
         values = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid JSON ({err}); restore it") from err
     return RunConfig.from_dict(values)
 
@@ -103,6 +104,16 @@ class Service:
                 )
             time.sleep(0.1)
 
+    def brain_alive(self) -> bool:
+        """False once the brain is dead for good (a restarting brain counts as alive)."""
+        try:
+            ray.get(self.cluster.brain.process_id.remote(), timeout=30)
+        except ray.exceptions.ActorDiedError:
+            return False
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        return True
+
     def stop(self) -> None:
         self.cluster.stop()
         (self.run_dir / "cluster.json").unlink(missing_ok=True)
@@ -123,28 +134,30 @@ def main(argv: list[str] | None = None) -> int:
         choices=["best", "last"],
         help="checkpoints to serve: best by validation, or the last epoch's",
     )
-    parser.add_argument("--cpus", type=int, default=0, help="CPUs for Ray (0: all)")
+    parser.add_argument(
+        "--cpus", type=non_negative_int, default=0, help="CPUs for Ray (0: all)"
+    )
     parser.add_argument(
         "--deadline-s",
-        type=float,
+        type=positive_float,
         default=defaults.deadline_s,
         help="seconds a request waits for the arms; raise it on a busy host",
     )
     parser.add_argument(
         "--heartbeat-timeout-s",
-        type=float,
+        type=positive_float,
         default=defaults.heartbeat_timeout_s,
         help="seconds of silence after which an arm is dead; raise it on a busy host",
     )
     parser.add_argument(
         "--actor-restarts",
-        type=int,
+        type=non_negative_int,
         default=100,
         help="times Ray restarts a killed arm or brain before giving up",
     )
     parser.add_argument(
         "--dashboard-port",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="Ray dashboard port on 127.0.0.1 (0: 8265, or a free one)",
     )
@@ -168,8 +181,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"SIGTERM (kill {os.getpid()}) stops",
                 flush=True,
             )
-            while not stop.wait(1.0):
-                pass
+            while not stop.wait(5.0):
+                if not service.brain_alive():
+                    print(
+                        "error: the brain died and Ray will not restart it again "
+                        "(--actor-restarts used up); stopping the service",
+                        file=sys.stderr,
+                    )
+                    return 1
     except KeyboardInterrupt:
         pass
     except (FileNotFoundError, ConfigError, ClusterError) as err:

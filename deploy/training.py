@@ -145,8 +145,32 @@ def _stream_once(cluster: Cluster, split: str, stream_id: str, epoch: int):
             )
             cluster.brain.abort.remote(stream_id)
             _drain(brain_ref, [r for r in pending if r != brain_ref])
+            arm = cluster.arms[arm_refs[done[0]]]
+            _wait_restarted(arm, arm_refs[done[0]])
+            if cluster.loaded_tag:
+                # A restarted arm resumes from `last`: give it the checkpoint the
+                # others serve now (the final test uses `best`).
+                ray.get(arm.load.remote(cluster.loaded_tag))
             return None
     return ray.get(brain_ref)
+
+
+def _wait_restarted(arm, arm_id: int, timeout_s: float = 300.0) -> None:
+    """Wait until Ray has restarted the arm, so a retry is not spent on the restart."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(arm.process_id.remote(), timeout=30)
+            return
+        except ray.exceptions.RayActorError as err:
+            if _actor_gone(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(RESUBMIT_PAUSE_S)
+        except ray.exceptions.GetTimeoutError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"arm {arm_id} did not come back within {timeout_s:.0f} s"
+                ) from None
 
 
 def _drain(brain_ref, arm_refs) -> None:
@@ -167,6 +191,7 @@ def save_all(cluster: Cluster, tag: str) -> None:
 
 
 def load_all(cluster: Cluster, tag: str) -> list[int]:
+    cluster.loaded_tag = tag
     return ray.get([actor.load.remote(tag) for actor in [*cluster.arms, cluster.brain]])
 
 

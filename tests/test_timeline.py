@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from deploy.faults import rejoin_times
 from deploy.timeline import format_summary, recovery_of, summarize
 
 ARMS = 4
@@ -295,3 +296,33 @@ def test_format_summary_missing_times():
     assert "restart to rejoin -, kill to rejoin -" in kill_line
     assert "after       0 answered" in text
     assert "accuracy -" in text.splitlines()[-2]
+
+
+def change(arm_id: int, new: str, time_s: float) -> dict:
+    return {"arm_id": arm_id, "old": "", "new": new, "reason": "", "time": time_s}
+
+
+def test_rejoin_times_in_order_after_the_kill():
+    changes = [
+        change(1, "live", 99.0),  # before the kill: ignored
+        change(1, "dead", 100.2),
+        change(2, "dead", 100.3),  # another arm: ignored
+        change(1, "probing", 103.0),
+        change(1, "dead", 103.1),  # the probe failed
+        change(1, "probing", 104.5),
+        change(1, "live", 104.6),
+    ]
+
+    times = rejoin_times(changes, arm_id=1, killed_s=100.0)
+
+    assert times == {"dead": 100.2, "probing": 104.5, "live": 104.6}
+
+
+def test_rejoin_times_without_a_death():
+    changes = [change(1, "live", 100.5)]
+
+    assert rejoin_times(changes, arm_id=1, killed_s=100.0) == {
+        "dead": None,
+        "probing": None,
+        "live": None,
+    }
