@@ -68,10 +68,10 @@ class ArmServer:
             thread.start()
 
     def halt(self) -> None:
-        """Stop, and tell the brain this arm is exiting (while the process shuts down).
+        """Stop, and tell the brain this arm is exiting while the process shuts down.
 
-        A graceful shutdown (SIGTERM, ray.kill) can take a second; the brain leaves
-        the arm out as soon as this heartbeat arrives instead of at its timeout.
+        A graceful shutdown (SIGTERM, ray.kill) can take a second. The brain leaves
+        the arm out as soon as this heartbeat arrives, not at its timeout.
         """
         self._stop.set()
         push = self.context.socket(zmq.PUSH)
@@ -133,7 +133,11 @@ class ArmServer:
                     try:
                         self._reply(push, requests)
                     except Exception:  # a failed batch must not end the arm's service
-                        log.exception("arm %d failed to answer a batch", self.arm_id)
+                        log.exception(
+                            "arm %d failed to reply to requests %s",
+                            self.arm_id,
+                            [request_id for request_id, _ in requests],
+                        )
         finally:
             sub.close(linger=0)
             push.close(linger=0)

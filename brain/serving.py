@@ -278,8 +278,8 @@ class BrainServer:
 
     def _publish(self, request_id: str, images: np.ndarray, lifetime_s: float) -> None:
         """Send a request to every arm; arms skip it after `lifetime_s`."""
-        # Anyone on the host may subscribe to the PUB socket, so these frames carry
-        # no secret; arms take requests only from the brain they connected to.
+        # Any local process may subscribe to the PUB socket, so these frames carry no
+        # secret. Arms need none: they take requests only from the brain's socket.
         frame = wire.encode(
             wire.ARM_REQUEST,
             token="",

@@ -11,7 +11,6 @@ answer without the victim and from restart to rejoin; JSON and a PNG timeline.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -27,9 +26,10 @@ import numpy as np  # noqa: E402
 
 from deploy import faults  # noqa: E402
 from deploy.cli import (  # noqa: E402
+    add_load_arguments,
     non_negative_float,
     positive_float,
-    positive_int,
+    script_parser,
 )
 from deploy.client import ServiceClient, ServiceError  # noqa: E402
 from deploy.load import load_test_split, run_load  # noqa: E402
@@ -138,11 +138,8 @@ def plot_timeline(records: list[dict], fault_records: list[dict], path: Path) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("run_dir", type=Path, help="a run served by deploy.serve")
+    parser = script_parser(__doc__)
+    add_load_arguments(parser)
     parser.add_argument(
         "--duration-s", type=positive_float, default=60.0, help="seconds of kills"
     )
@@ -167,14 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0.25,
         help="with --brain, the share of kills aimed at the brain",
     )
-    parser.add_argument(
-        "--rate", type=positive_float, default=20.0, help="requests per second"
-    )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=16, help="images per request"
-    )
     parser.add_argument("--seed", type=int, default=0, help="of the random kills")
-    parser.add_argument("--data-dir", default="", help="default: the run's")
     args = parser.parse_args(argv)
     if args.duration_s <= 0 or not 0 < args.gap_s[0] <= args.gap_s[1]:
         parser.error("--duration-s must be > 0 and --gap-s MIN MAX with 0 < MIN <= MAX")

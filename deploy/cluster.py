@@ -211,20 +211,8 @@ class Cluster:
             self.brain.process_id.remote(), "the brain"
         )
         for arm_id in range(config.arms):
-            actor = (
-                ray.remote(ArmActor)
-                .options(
-                    name=f"arm-{arm_id}",
-                    # A second thread serves progress() while the first trains.
-                    max_concurrency=2,
-                    # A killed arm comes back and resumes from its last checkpoint.
-                    max_restarts=config.actor_restarts,
-                    num_cpus=cpu_share,
-                    num_gpus=config.gpus / config.arms if config.gpus else 0,
-                )
-                .remote(
-                    config_dict, arm_id, data_ref, run_dir, threads, endpoint, token
-                )
+            actor = self._arm_class(arm_id).remote(
+                config_dict, arm_id, data_ref, run_dir, threads, endpoint, token
             )
             self.arms.append(actor)
         arm_pids = self._get([arm.process_id.remote() for arm in self.arms], "the arms")
@@ -326,32 +314,33 @@ class Cluster:
         )
         return self.service
 
+    def _arm_class(self, arm_id: int):
+        """The arm actor class with arm `arm_id`'s name, resources and restarts."""
+        config = self.config
+        return ray.remote(ArmActor).options(
+            name=f"arm-{arm_id}",
+            # A second thread serves progress() and stats while the first works.
+            max_concurrency=2,
+            # A killed arm comes back and resumes from its last checkpoint.
+            max_restarts=config.actor_restarts,
+            num_cpus=self.cpus() / config.arms,
+            num_gpus=config.gpus / config.arms if config.gpus else 0,
+        )
+
     def create_service_arm(self, arm_id: int):
         """Start (or, after a kill without restart, start again) one serving arm."""
-        config = self.config
-        cpu_share = self.cpus() / config.arms
-        actor = (
-            ray.remote(ArmActor)
-            .options(
-                name=f"arm-{arm_id}",
-                max_concurrency=2,
-                max_restarts=config.actor_restarts,
-                num_cpus=cpu_share,
-                num_gpus=config.gpus / config.arms if config.gpus else 0,
-            )
-            .remote(
-                config.to_dict(),
-                arm_id,
-                None,
-                self.service["run_dir"],
-                max(1, int(cpu_share)),
-                self.service["pull_endpoint"],
-                self.arm_token,
-                serve={
-                    "pub_endpoint": self.service["pub_endpoint"],
-                    "tag": self.service["tag"],
-                },
-            )
+        actor = self._arm_class(arm_id).remote(
+            self.config.to_dict(),
+            arm_id,
+            None,
+            self.service["run_dir"],
+            max(1, int(self.cpus() / self.config.arms)),
+            self.service["pull_endpoint"],
+            self.arm_token,
+            serve={
+                "pub_endpoint": self.service["pub_endpoint"],
+                "tag": self.service["tag"],
+            },
         )
         if arm_id < len(self.arms):
             self.arms[arm_id] = actor

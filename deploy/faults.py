@@ -51,7 +51,7 @@ def actor(name: str):
 
 
 def process_id(name: str, timeout_s: float = RPC_TIMEOUT_S) -> int:
-    """The pid of `name`'s current process (waits while Ray restarts it)."""
+    """Return the pid of `name`'s current process, waiting while Ray restarts it."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -59,7 +59,7 @@ def process_id(name: str, timeout_s: float = RPC_TIMEOUT_S) -> int:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
             if time.monotonic() > deadline:
                 raise FaultError(
-                    f"{name} did not answer for {timeout_s:.0f} s"
+                    f"{name} did not respond within {timeout_s:.0f} s"
                 ) from err
             time.sleep(0.2)
 
@@ -85,7 +85,7 @@ def kill(
 
 
 def brain_stats(timeout_s: float = 60.0) -> dict:
-    """The serving brain's stats; waits while a restarted brain comes back."""
+    """Return the serving brain's stats, waiting while a restarted brain comes back."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -93,7 +93,7 @@ def brain_stats(timeout_s: float = 60.0) -> dict:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
             if time.monotonic() > deadline:
                 raise FaultError(
-                    f"the brain did not answer for {timeout_s:.0f} s"
+                    f"the brain did not respond within {timeout_s:.0f} s"
                 ) from err
             time.sleep(0.2)
 
@@ -102,7 +102,8 @@ def wait_rejoin(arm_id: int, killed_s: float, timeout_s: float) -> dict:
     """Wait until arm `arm_id` is live again after a kill at `killed_s` (wall clock).
 
     Returns the wall-clock times the brain marked it dead, saw its restarted
-    process (probing) and readmitted it; a time the wait ran out before is None.
+    process (probing) and readmitted it. A time not reached before `timeout_s` is
+    None.
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -113,7 +114,7 @@ def wait_rejoin(arm_id: int, killed_s: float, timeout_s: float) -> dict:
 
 
 def rejoin_times(changes: list[dict], arm_id: int, killed_s: float) -> dict:
-    """The first death after the kill, then the first probe and readmission after it."""
+    """Return the first death after the kill, and the probe and readmission after it."""
     times = {"dead": None, "probing": None, "live": None}
     for change in sorted(changes, key=lambda c: c["time"]):
         # 10 ms: the brain's change times are converted from its monotonic clock.

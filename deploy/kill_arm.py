@@ -10,14 +10,18 @@ which deploy/load.py reads for its summary.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 from deploy import faults
-from deploy.cli import non_negative_float, non_negative_int, positive_float
+from deploy.cli import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    script_parser,
+)
 
 
 def wait_for_requests(count: int, timeout_s: float) -> None:
@@ -34,10 +38,7 @@ def wait_for_requests(count: int, timeout_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--arm", type=non_negative_int, required=True, help="arm id K")
     parser.add_argument(
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     when = parser.add_mutually_exclusive_group()
     when.add_argument(
-        "--after-requests", type=non_negative_int, default=0, help="R answered"
+        "--after-requests",
+        type=non_negative_int,
+        default=0,
+        help="R more answered requests",
     )
     when.add_argument(
         "--after-seconds", type=non_negative_float, default=0.0, help="S seconds"

@@ -9,7 +9,6 @@ including the effect of any kill that deploy/kill_arm.py made meanwhile.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -21,10 +20,12 @@ from tqdm import tqdm
 
 from common.datasets import DatasetError, load_dataset
 from deploy.cli import (
+    add_load_arguments,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
+    script_parser,
 )
 from deploy.client import ServiceClient, ServiceError
 from deploy.serve import read_run_config
@@ -123,17 +124,8 @@ def read_faults(run_dir: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("run_dir", type=Path, help="a run served by deploy.serve")
-    parser.add_argument(
-        "--rate", type=positive_float, default=20.0, help="requests per second"
-    )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=16, help="images per request"
-    )
+    parser = script_parser(__doc__)
+    add_load_arguments(parser)
     parser.add_argument(
         "--requests", type=non_negative_int, default=500, help="0: use --duration-s"
     )
@@ -152,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         default=10,
         help="unanswered sends (or times --retry-s seconds) before a request is lost",
     )
-    parser.add_argument("--data-dir", default="", help="default: the run's")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:

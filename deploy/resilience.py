@@ -11,7 +11,6 @@ failed the same way. Writes resilience.json, resilience.md and resilience.png.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -31,7 +30,7 @@ from common.datasets import DATASET_INFO  # noqa: E402
 from common.logs import setup_logging  # noqa: E402
 from deploy import faults  # noqa: E402
 from deploy.api import load_run  # noqa: E402
-from deploy.cli import non_negative_int, positive_float  # noqa: E402
+from deploy.cli import non_negative_int, positive_float, script_parser  # noqa: E402
 from deploy.client import ServiceClient  # noqa: E402
 from deploy.load import load_test_split, run_load  # noqa: E402
 from deploy.serve import Service, read_run_config  # noqa: E402
@@ -235,10 +234,7 @@ def plot(report: dict, chance: float, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--data-dir", default="", help="default: the run's")
     parser.add_argument(

@@ -9,7 +9,6 @@ the client, deploy/load.py, deploy/kill_arm.py and deploy/chaos.py find them.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -24,7 +23,7 @@ import ray
 
 from common.config import ConfigError, RunConfig
 from common.logs import setup_logging
-from deploy.cli import non_negative_int, positive_float
+from deploy.cli import non_negative_int, positive_float, script_parser
 from deploy.cluster import Cluster, ClusterError
 
 log = logging.getLogger(__name__)
@@ -120,10 +119,7 @@ class Service:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument(
         "run_dir", type=Path, help="a run directory written by launch.py"
     )

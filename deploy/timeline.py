@@ -36,7 +36,7 @@ def recovery_of(faults: list[dict], kill: dict) -> dict | None:
 
 
 def summarize(records: list[dict], faults: list[dict], arms: int) -> dict:
-    """Counts, accuracy per phase, and for each kill how fast answers changed."""
+    """Return counts, accuracy per phase, and for each kill how fast answers changed."""
     answered = [r for r in records if not r["error"]]
     refused = [r for r in records if r["error"] and not r["lost"]]
     lost = [r for r in records if r["lost"]]
@@ -125,7 +125,7 @@ def _kill_effect(kill: dict, recovery: dict | None, answered: list[dict]) -> dic
 
 
 def format_summary(summary: dict) -> str:
-    """The summary as a few human-readable lines."""
+    """Format the summary as a few human-readable lines."""
 
     def pct(value):
         return "-" if value is None else f"{value * 100:.2f}%"

@@ -51,7 +51,6 @@ def git_revision() -> str:
 
 
 RESUBMIT_PAUSE_S = 0.5
-RESUBMIT_LIMIT = 600  # calls to a restarting arm: 5 minutes at RESUBMIT_PAUSE_S
 
 
 def _actor_gone(err: Exception) -> bool:
@@ -68,28 +67,23 @@ def local_phase(cluster: Cluster, epoch: int) -> list[dict]:
     arms = cluster.arms
     refs = {arm.train_epoch.remote(epoch): arm_id for arm_id, arm in enumerate(arms)}
     results: list[dict] = [{} for _ in arms]
-    failures = [0] * len(arms)
     while refs:
         (ref,), _ = ray.wait(list(refs), num_returns=1)
         arm_id = refs.pop(ref)
         try:
             results[arm_id] = ray.get(ref)
         except ray.exceptions.RayActorError as err:
-            failures[arm_id] += 1
-            if _actor_gone(err) or failures[arm_id] > RESUBMIT_LIMIT:
+            if _actor_gone(err):
                 raise
-            if failures[arm_id] == 1:
-                log.warning(
-                    "arm %d died during its local epoch %d (%s); Ray restarts it from "
-                    "its last checkpoint and it trains the epoch again; the other arms "
-                    "go on",
-                    arm_id,
-                    epoch,
-                    type(err).__name__,
-                )
-            else:  # calls fail with ActorUnavailableError until the restart is done
-                log.debug("arm %d is still restarting", arm_id)
-            time.sleep(RESUBMIT_PAUSE_S)
+            log.warning(
+                "arm %d died during its local epoch %d (%s). Ray restarts it from its "
+                "last checkpoint and it trains the epoch again, while the other arms "
+                "go on",
+                arm_id,
+                epoch,
+                type(err).__name__,
+            )
+            _wait_restarted(arms[arm_id], arm_id)
             refs[arms[arm_id].train_epoch.remote(epoch)] = arm_id
     return results
 
