@@ -17,6 +17,7 @@ from common.config import (
     ARM_TYPES,
     BRAIN_MODES,
     COMPETITIONS,
+    COMPRESSIONS,
     DATASETS,
     DEVICES,
     PRECISIONS,
@@ -30,11 +31,18 @@ log = logging.getLogger("launch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser(
+    description: str = "Train OctopusNet: arms as Ray actors with local "
+    "Forward-Forward training, a brain that gathers their outputs over ZeroMQ.",
+) -> argparse.ArgumentParser:
+    """Every option of a run; scripts that train a run's configuration reuse it."""
     defaults = RunConfig()
     parser = argparse.ArgumentParser(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train OctopusNet: arms as Ray actors with local Forward-Forward "
-        "training, a brain that gathers their outputs over ZeroMQ.",
+        description=description,
     )
     parser.add_argument(
         "--eval", metavar="RUN_DIR", help="evaluate a saved run instead of training"
@@ -92,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--arm-type",
         default=defaults.arm_type,
         choices=ARM_TYPES,
-        help="grouped: class-grouped channels; overlay: Fourier label overlay FF",
+        help="grouped: class-grouped channels; overlay: Fourier label overlay FF; "
+        "residual: deeper class-grouped arm with parameter-free residual layers",
     )
     arms.add_argument(
         "--no-multiscale",
@@ -116,6 +125,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=defaults.depth,
         help="blocks per arm (0: by resolution, 4 at 32 px)",
+    )
+    arms.add_argument(
+        "--compress",
+        default=defaults.compress,
+        choices=COMPRESSIONS,
+        help="halving between blocks: 2x2 max-pool, or a learned grouped stride-2 conv",
+    )
+    arms.add_argument(
+        "--residual-blocks",
+        type=int,
+        default=defaults.residual_blocks,
+        help="residual arms: same-width residual layers after each halving block",
+    )
+    arms.add_argument(
+        "--goodness-layers",
+        type=int,
+        default=defaults.goodness_layers,
+        help="grouped and residual arms predict from the goodness of this many last "
+        "layers",
     )
     arms.add_argument(
         "--bottleneck",
@@ -275,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument(
         "--run-name", default="", help="run directory name (default: time stamp)"
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -295,6 +323,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         arm_scales=args.arm_scales,
         width=args.width,
         depth=args.depth,
+        compress=args.compress,
+        residual_blocks=args.residual_blocks,
+        goodness_layers=args.goodness_layers,
         bottleneck=args.bottleneck,
         lr=args.lr,
         threshold=args.threshold,

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arms.goodness import class_goodness, ff_loss, goodness, grouped_loss, separation
+from arms.optim import LayerOptimizers, LayerSchedulers
 from common.overlay import apply_overlay, class_patterns, neutral_overlay, wrong_labels
 
 
@@ -42,18 +43,47 @@ def block_widths(width: int, depth: int, num_classes: int = 1) -> list[int]:
 
 
 class ConvBlock(nn.Module):
-    """3x3 conv, optional BatchNorm, ReLU, 2x2 max-pool (skipped below 2 px)."""
+    """3x3 conv, optional BatchNorm, ReLU, then halving of the side length.
 
-    def __init__(self, in_channels: int, out_channels: int, batch_norm: bool):
+    `compress` "pool" halves it with a 2x2 max-pool; "stride" with a learned 3x3
+    stride-2 conv, BatchNorm and ReLU, grouped so that each of `groups` channel groups
+    (one per class in grouped arms) is compressed on its own. Nothing halves below 2 px.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        batch_norm: bool,
+        compress: str = "pool",
+        groups: int = 1,
+    ):
         super().__init__()
         self.conv = nn.Conv2d(
             in_channels, out_channels, 3, padding=1, bias=not batch_norm
         )
         self.norm = nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity()
+        self.compress = None
+        if compress == "stride":
+            self.compress = nn.Sequential(
+                nn.Conv2d(
+                    out_channels,
+                    out_channels,
+                    3,
+                    stride=2,
+                    padding=1,
+                    groups=groups,
+                    bias=not batch_norm,
+                ),
+                nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity(),
+                nn.ReLU(),
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.norm(self.conv(x)))
-        return F.max_pool2d(h, 2) if h.shape[-1] >= 2 else h
+        if h.shape[-1] < 2:
+            return h
+        return self.compress(h) if self.compress is not None else F.max_pool2d(h, 2)
 
 
 class LocalArm(nn.Module):
@@ -69,6 +99,8 @@ class LocalArm(nn.Module):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         batch_norm: bool,
+        compress: str = "pool",
+        groups: int = 1,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -78,28 +110,27 @@ class LocalArm(nn.Module):
 
         channels = [in_channels, *widths]
         self.blocks = nn.ModuleList(
-            ConvBlock(c_in, c_out, batch_norm)
+            ConvBlock(c_in, c_out, batch_norm, compress, groups)
             for c_in, c_out in zip(channels[:-1], channels[1:], strict=True)
         )
         self.projection = nn.Linear(widths[-1] * 4, bottleneck)
         self.head = nn.Linear(bottleneck, num_classes)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.optimizer: LayerOptimizers | None = None
+        self.scheduler: LayerSchedulers | None = None
 
     def configure_optimizer(
         self, lr: float, weight_decay: float, total_steps: int
     ) -> None:
-        """AdamW with a cosine schedule over `total_steps` steps.
+        """One AdamW with a cosine schedule over `total_steps` steps per layer.
 
-        AdamW's state is per parameter, so one optimizer over all blocks updates each
-        block exactly as a separate optimizer per block would.
+        Each block has its own optimizer, and so does the readout (bottleneck projection
+        and local classifier), so no optimizer state is shared between layers.
         """
-        self.optimizer = torch.optim.AdamW(
-            self.parameters(), lr=lr, weight_decay=weight_decay
+        readout = nn.ModuleList([self.projection, self.head])
+        self.optimizer = LayerOptimizers(
+            [*self.blocks, readout], lr, weight_decay, total_steps
         )
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=max(1, total_steps)
-        )
+        self.scheduler = LayerSchedulers(self.optimizer)
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
         """Bottleneck features (B, D) from the last block's output."""
@@ -175,11 +206,18 @@ class LocalArm(nn.Module):
 
 
 class GroupedArm(LocalArm):
-    """Class-grouped channels with a cross-entropy over per-class goodness per block."""
+    """Class-grouped channels with a cross-entropy over per-class goodness per block.
 
-    def __init__(self, *args, goodness_scale: float, **kwargs):
+    The arm predicts from the mean log-softmax of the scaled goodness of its last
+    `goodness_layers` blocks.
+    """
+
+    def __init__(
+        self, *args, goodness_scale: float, goodness_layers: int = 1, **kwargs
+    ):
         super().__init__(*args, batch_norm=True, **kwargs)
         self.goodness_scale = goodness_scale
+        self.goodness_layers = goodness_layers
 
     def block_losses(self, images, labels):
         x = self.normalize(images)
@@ -197,12 +235,23 @@ class GroupedArm(LocalArm):
             {"goodness_pos": g_pos, "goodness_neg": g_neg, "accuracy": accuracy},
         )
 
-    def encode(self, images):
+    def layer_goodness(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the last block's output and every block's scaled goodness (L, B, C)."""
         x = self.normalize(images)
+        scores = []
         for block in self.blocks:
             x = block(x)
-        logits = class_goodness(x.float(), self.num_classes) * self.goodness_scale
-        return x, logits
+            scores.append(class_goodness(x.float(), self.num_classes))
+        return x, torch.stack(scores) * self.goodness_scale
+
+    def encode(self, images):
+        h_last, scores = self.layer_goodness(images)
+        return h_last, combine_layers(scores, self.goodness_layers)
+
+
+def combine_layers(scores: torch.Tensor, last: int) -> torch.Tensor:
+    """Mean log-softmax of the last `last` layers' scores (L, B, C) -> (B, C)."""
+    return F.log_softmax(scores[-last:], dim=-1).mean(0)
 
 
 class OverlayArm(LocalArm):
@@ -269,7 +318,8 @@ def build_arm(config, arm_id: int, info) -> LocalArm:
     """Build arm `arm_id` of a run from its config and the dataset's `DatasetInfo`."""
     resolution = config.arm_resolution(arm_id, info.image_size)
     depth = config.depth or default_depth(resolution)
-    groups = info.num_classes if config.arm_type == "grouped" else 1
+    grouped = config.arm_type in ("grouped", "residual")
+    groups = info.num_classes if grouped else 1
     widths = block_widths(config.width, depth, groups)
     common = dict(
         in_channels=info.channels,
@@ -279,9 +329,26 @@ def build_arm(config, arm_id: int, info) -> LocalArm:
         bottleneck=config.bottleneck,
         mean=info.mean,
         std=info.std,
+        compress=config.compress,
+        groups=groups,
     )
+    if config.arm_type == "residual":
+        from arms.residual import ResidualArm
+
+        return ResidualArm(
+            goodness_scale=config.goodness_scale,
+            goodness_layers=min(
+                config.goodness_layers, depth * (1 + config.residual_blocks)
+            ),
+            residual_blocks=config.residual_blocks,
+            **common,
+        )
     if config.arm_type == "grouped":
-        return GroupedArm(goodness_scale=config.goodness_scale, **common)
+        return GroupedArm(
+            goodness_scale=config.goodness_scale,
+            goodness_layers=min(config.goodness_layers, depth),
+            **common,
+        )
     return OverlayArm(
         threshold=config.threshold, label_strength=config.label_strength, **common
     )

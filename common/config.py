@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
-ARM_TYPES = ("grouped", "overlay")
+ARM_TYPES = ("grouped", "overlay", "residual")
+COMPRESSIONS = ("pool", "stride")
 COMPETITIONS = ("soft", "topk", "gumbel")
 # attention: nerve ring + coordinator + MLP over the arms' features and logits.
 # logit: learned softmax weights over the arms' local-classifier logits (fully local
@@ -80,6 +81,11 @@ class RunConfig:
     width: int = 48  # channels of the first block; later blocks double it
     depth: int = 0  # blocks per arm; 0 picks by resolution (4 at 32 px, fewer below)
     bottleneck: int = 64
+    # Halving between blocks: "pool" (2x2 max-pool) or "stride" (a learned grouped
+    # stride-2 conv, trained by the block's own loss).
+    compress: str = "pool"
+    residual_blocks: int = 1  # residual arms: same-width layers after each halving
+    goodness_layers: int = 1  # grouped/residual arms predict from this many last layers
     lr: float = 2e-3
     weight_decay: float = 5e-4
     goodness_scale: float = 15.0
@@ -130,6 +136,7 @@ class RunConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("arm type", self.arm_type, ARM_TYPES)
         _check_choice("competition", self.competition, COMPETITIONS)
+        _check_choice("compression", self.compress, COMPRESSIONS)
         _check_choice("brain mode", self.brain_mode, BRAIN_MODES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
@@ -139,6 +146,8 @@ class RunConfig:
         _check_range("bottleneck", self.bottleneck, 1, 4096)
         _check_range("width", self.width, 1, 4096)
         _check_range("depth", self.depth, 0, 8)
+        _check_range("residual blocks", self.residual_blocks, 0, 8)
+        _check_range("goodness layers", self.goodness_layers, 1, 64)
         _check_range("validation size", self.val_size, 0)
         _check_range("train limit", self.train_limit, 0)
         _check_range("test limit", self.test_limit, 0)
