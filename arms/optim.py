@@ -48,7 +48,7 @@ class LayerOptimizers:
     def load_state_dict(self, state: dict) -> None:
         if sorted(state) != [str(i) for i in range(len(self.optimizers))]:
             raise ValueError(
-                f"optimizer state holds {len(state)} layers, this arm has "
+                f"optimizer state contains {len(state)} layers, this arm has "
                 f"{len(self.optimizers)}: the checkpoint is from another arm layout"
             )
         for i, opt in enumerate(self.optimizers):
@@ -56,7 +56,7 @@ class LayerOptimizers:
 
 
 class LayerSchedulers:
-    """Steps every layer's cosine schedule together."""
+    """Step every layer's cosine schedule together."""
 
     def __init__(self, optimizers: LayerOptimizers):
         self.schedulers = optimizers.schedulers

@@ -2,9 +2,9 @@
 
 It follows what the best published layer-local results share:
 
-- every layer's channels split into one group per class; the layer minimises a
-  cross-entropy over the scaled per-class goodness, the group's mean activation
-  (mean, not squared, so a unit that is off still gets gradient through the others);
+- every layer's channels are split into one group per class, and the layer minimises
+  a cross-entropy over the scaled per-class goodness. Goodness is the group's mean
+  activation (mean, not squared), so a unit that is off still gets gradient;
 - each layer's input is normalised per class group (no learned affine), so a layer
   cannot read the previous layer's answer off its group magnitudes;
 - after each downsampling layer come `residual_blocks` same-width layers whose output
@@ -66,7 +66,7 @@ class ResidualArm(LocalArm):
         self.blocks = nn.ModuleList(layers)
 
     def _layer_input(self, y: torch.Tensor, index: int) -> torch.Tensor:
-        # The first layer sees the normalised image; later ones a per-group norm.
+        # The first layer takes the normalised image, later ones a per-group norm.
         return y if index == 0 else F.group_norm(y, self.num_classes)
 
     def _forward(

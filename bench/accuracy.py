@@ -5,7 +5,7 @@ python bench/accuracy.py --budget-minutes 100 --arms 1 --arm-type residual \
 
 Takes every option of `launch.py` (the same RunConfig). The arms train one after
 another in this process, each with its own local objective, on the same splits and
-augmentation as the arm actors; nothing passes between arms. A short timing of each
+augmentation as the arm actors. Nothing passes between arms. A short timing of each
 arm's training steps sets the number of epochs that fit the budget, so the cosine
 schedules end when the budget does. After each epoch the validation split is scored:
 the prediction is the mean over arms of the softmax of each arm's goodness, averaged
@@ -133,7 +133,7 @@ class Trainer:
         return x.to(self.device).contiguous(memory_format=torch.channels_last)
 
     def time_steps(self, steps: int = 8) -> float:
-        """Seconds per training epoch of all arms, timed on copies of the arms."""
+        """Return the seconds per training epoch of all arms, timed on copies of them."""
         total = 0.0
         batch = self.train_idx[: self.config.batch_size]
         labels = torch.from_numpy(self.data.y_train[batch]).to(self.device)
@@ -170,7 +170,7 @@ class Trainer:
 
     @torch.no_grad()
     def layer_probabilities(self, images: np.ndarray) -> list[torch.Tensor]:
-        """Per arm, softmax over classes for K = 1..L last layers: (L, N, C) each."""
+        """Return per arm the class probabilities from its last K = 1..L layers: (L, N, C)."""
         per_arm = []
         for arm in self.arms:
             arm.eval()
@@ -195,13 +195,18 @@ class Trainer:
             per_arm.append(torch.cat(chunks, 1).float().cpu())
         return per_arm
 
-    def accuracies(self, images: np.ndarray, labels: np.ndarray) -> dict[int, float]:
-        """Accuracy of the arms' mean probabilities for every K (capped per arm)."""
+    def accuracies(
+        self, images: np.ndarray, labels: np.ndarray, only_k: int = 0
+    ) -> dict[int, float]:
+        """Return the accuracy of the arms' mean probabilities for every K, or `only_k`.
+
+        An arm with fewer than K layers uses all of its layers.
+        """
         per_arm = self.layer_probabilities(images)
-        most = max(p.shape[0] for p in per_arm)
+        max_layers = max(p.shape[0] for p in per_arm)
         target = torch.from_numpy(labels.astype(np.int64))
         result = {}
-        for k in range(1, most + 1):
+        for k in [only_k] if only_k else range(1, max_layers + 1):
             mean = sum(p[min(k, p.shape[0]) - 1] for p in per_arm) / len(per_arm)
             result[k] = (mean.argmax(1) == target).float().mean().item()
         return result
@@ -210,6 +215,7 @@ class Trainer:
 def plot(record: dict, path: Path) -> None:
     curve = record["curve"]
     minutes = [point["elapsed_s"] / 60 for point in curve]
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(
         minutes,
@@ -217,6 +223,7 @@ def plot(record: dict, path: Path) -> None:
         marker="o",
         label="validation (best K per epoch)",
     )
+
     best = record["best"]
     ax.scatter(
         [best["elapsed_s"] / 60],
@@ -231,6 +238,7 @@ def plot(record: dict, path: Path) -> None:
         REFERENCE_LINES.items(), ["dotted", "dashed", "solid"], strict=True
     ):
         ax.axhline(100 * value, color="grey", linestyle=style, linewidth=1, label=label)
+
     ax.set_xlabel("training time (minutes, validation included)")
     ax.set_ylabel("accuracy (%)")
     cfg = record["config"]
@@ -254,7 +262,10 @@ def run(args: argparse.Namespace) -> dict:
         "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
     )
     if config.device == "cuda" and device.type != "cuda":
-        raise ConfigError("--device cuda was requested but no CUDA device is visible")
+        raise ConfigError(
+            "--device cuda was requested but no CUDA device is visible: pass --device "
+            "cpu or run on a machine with a GPU"
+        )
     output = Path(
         args.output or Path(config.output_dir) / time.strftime("accuracy-%Y%m%d-%H%M%S")
     )
@@ -322,7 +333,9 @@ def run(args: argparse.Namespace) -> dict:
         arm.load_state_dict(state)
     test_images = data.x_test[: trainer.test_count]
     test_labels = data.y_test[: trainer.test_count]
-    test_by_k = trainer.accuracies(test_images, test_labels)
+    test_accuracy = trainer.accuracies(test_images, test_labels, only_k=best["best_k"])[
+        best["best_k"]
+    ]
     torch.save(
         {"config": config.to_dict(), "best_k": best["best_k"], "arms": best_state},
         output / "best.pt",
@@ -341,8 +354,7 @@ def run(args: argparse.Namespace) -> dict:
         "git_revision": config.git_revision,
         "curve": curve,
         "best": best,
-        # The chosen K only: the other Ks were computed together and are not reported.
-        "test_accuracy": test_by_k[best["best_k"]],
+        "test_accuracy": test_accuracy,
         "wall_s": time.perf_counter() - start,
     }
     (output / "accuracy.json").write_text(json.dumps(record, indent=2))

@@ -29,10 +29,10 @@ SMALL = [
 ]
 
 # Mode name: (launch.py options, accuracy to beat). Chance is 0.10 on the 600 test
-# images (std 0.012). The local classifiers of the SFF mode and the deeper residual
-# arms need more epochs and a higher learning rate to learn from 2,500 images (the
-# residual arms see 16 px, which keeps five epochs short). Overlay arms learn slowest from 2,500 images; 0.15 is still
-# four standard deviations above chance.
+# images (std 0.012). The SFF mode's local classifiers and the deeper residual arms
+# need more epochs and a higher learning rate to learn from 2,500 images (the residual
+# arms see 16 px, which keeps five epochs short). Overlay arms learn slowest; 0.15 is
+# still four standard deviations above chance.
 MODES = {
     "overlay": (["--arms", "2", "--arm-type", "overlay", "--width", "16"], 0.15),
     "residual-stride-gumbel-no-ring": (

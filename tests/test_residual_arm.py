@@ -73,7 +73,7 @@ def test_residual_layer_adds_its_input():
 
     arm.encode(torch.rand(2, 3, 32, 32))
 
-    # A zeroed residual layer adds nothing, so the next layer sees its input,
+    # A zeroed residual layer adds nothing, so the next layer takes its input,
     # normalised per class group once more.
     assert torch.count_nonzero(captured["h"]) == 0
     expected = F.group_norm(captured["x"], INFO.num_classes)
