@@ -92,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--arm-type",
         default=defaults.arm_type,
         choices=ARM_TYPES,
-        help="grouped: class-grouped channels; overlay: Fourier label overlay FF",
+        help="grouped: class-grouped conv channels; overlay: Fourier label overlay "
+        "FF; transformer, lstm: class-grouped token channels or hidden units; "
+        "heterogeneous: arm i is grouped, grouped, transformer, lstm by i %% 4",
     )
     arms.add_argument(
         "--no-multiscale",

@@ -267,10 +267,14 @@ class OverlayArm(LocalArm):
 
 def build_arm(config, arm_id: int, info) -> LocalArm:
     """Build arm `arm_id` of a run from its config and the dataset's `DatasetInfo`."""
+    kind = config.arm_kind(arm_id)
     resolution = config.arm_resolution(arm_id, info.image_size)
     depth = config.depth or default_depth(resolution)
-    groups = info.num_classes if config.arm_type == "grouped" else 1
+    groups = 1 if kind == "overlay" else info.num_classes
     widths = block_widths(config.width, depth, groups)
+    if kind in ("transformer", "lstm"):
+        # Tokens and hidden states keep one width in every layer: twice `width`.
+        widths = block_widths(2 * config.width, 1, groups) * depth
     common = dict(
         in_channels=info.channels,
         num_classes=info.num_classes,
@@ -280,8 +284,17 @@ def build_arm(config, arm_id: int, info) -> LocalArm:
         mean=info.mean,
         std=info.std,
     )
-    if config.arm_type == "grouped":
+    if kind == "grouped":
         return GroupedArm(goodness_scale=config.goodness_scale, **common)
+    # Imported here because both modules import this one.
+    if kind == "transformer":
+        from arms.transformer import TransformerArm
+
+        return TransformerArm(goodness_scale=config.goodness_scale, **common)
+    if kind == "lstm":
+        from arms.lstm import LSTMArm
+
+        return LSTMArm(goodness_scale=config.goodness_scale, **common)
     return OverlayArm(
         threshold=config.threshold, label_strength=config.label_strength, **common
     )
