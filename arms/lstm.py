@@ -2,10 +2,11 @@
 
 Each time step is one row of pixels with all its channels (C * W values), so an
 arm at R px reads R steps. Every layer is its own one-layer LSTM with a detached
-input and its own class-grouped loss: the hidden units are split into one group per
-class, per-class goodness is the group's mean hidden state over all time steps, and
-the layer minimises cross-entropy over the scaled goodness. Hidden states lie in
-(-1, 1), so no ReLU is needed: cross-entropy depends only on differences of goodness.
+input and its own class-grouped loss. Its hidden units are split into one group per
+class, and per-class goodness is the group's mean hidden state over all time steps.
+The layer minimises cross-entropy over the scaled goodness. Hidden states lie in
+(-1, 1) and need no ReLU, because cross-entropy depends only on differences of
+goodness.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class LSTMArm(LocalArm):
         sizes = [in_channels * self.resolution, *widths]
         # Replaces the conv blocks that LocalArm builds.
         self.blocks = nn.ModuleList(
-            LSTMLayer(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:])
+            LSTMLayer(n_in, n_out)
+            for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
         )
 
     def _rows(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Transformer arm: a patch embedding and pre-norm encoder blocks, each trained locally.
 
 Every block takes a detached token input and has its own class-grouped loss, as the
-conv blocks of `GroupedArm` do: the ReLU of the block's output tokens is split into
-one channel group per class, per-class goodness is the group's mean over its
-channels and all tokens, and the block minimises cross-entropy over the scaled
-goodness. The patch embedding belongs to the first block and learns from its loss.
+conv blocks of `GroupedArm` do. The ReLU of the block's output tokens is split into
+one channel group per class, and per-class goodness is the group's mean over its
+channels and all tokens. The block minimises cross-entropy over the scaled goodness.
+The patch embedding belongs to the first block and learns from its loss.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class SelfAttention(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm encoder block; the first block of an arm also embeds the image."""
+    """Pre-norm encoder block. The first block of an arm also embeds the image."""
 
     def __init__(self, dim: int, heads: int, embedding: PatchEmbedding | None = None):
         super().__init__()
