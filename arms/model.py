@@ -286,7 +286,8 @@ def build_arm(config, arm_id: int, info) -> LocalArm:
     )
     if kind == "grouped":
         return GroupedArm(goodness_scale=config.goodness_scale, **common)
-    # Imported here because both modules import this one.
+    # Imported here, because arms.transformer and arms.lstm import LocalArm from
+    # this module and a top-level import would be circular.
     if kind == "transformer":
         from arms.transformer import TransformerArm
 
