@@ -100,8 +100,10 @@ def build_parser(
         "--arm-type",
         default=defaults.arm_type,
         choices=ARM_TYPES,
-        help="grouped: class-grouped channels; overlay: Fourier label overlay FF; "
-        "residual: deeper class-grouped arm with parameter-free residual layers",
+        help="grouped: class-grouped conv channels; overlay: Fourier label overlay "
+        "FF; residual: deeper class-grouped arm with parameter-free residual layers; "
+        "transformer, lstm: class-grouped token channels or hidden units; "
+        "heterogeneous: arm i is grouped, grouped, transformer, lstm by i %% 4",
     )
     arms.add_argument(
         "--no-multiscale",

@@ -123,10 +123,11 @@ class ArmActor:
         elif restarted:
             self._resume()
         log.info(
-            "arm %d ready: %d px, %s blocks, %d parameters, %s, %d threads, pid %d",
+            "arm %d ready: %s, %d px, %d blocks, %d parameters, %s, %d threads, pid %d",
             arm_id,
+            type(self.model).__name__,
             self.model.resolution,
-            [b.conv.out_channels for b in self.model.blocks],
+            len(self.model.blocks),
             sum(p.numel() for p in self.model.parameters()),
             self.device,
             threads,

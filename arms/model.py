@@ -316,11 +316,14 @@ class OverlayArm(LocalArm):
 
 def build_arm(config, arm_id: int, info) -> LocalArm:
     """Build arm `arm_id` of a run from its config and the dataset's `DatasetInfo`."""
+    kind = config.arm_kind(arm_id)
     resolution = config.arm_resolution(arm_id, info.image_size)
     depth = config.depth or default_depth(resolution)
-    grouped = config.arm_type in ("grouped", "residual")
-    groups = info.num_classes if grouped else 1
+    groups = 1 if kind == "overlay" else info.num_classes
     widths = block_widths(config.width, depth, groups)
+    if kind in ("transformer", "lstm"):
+        # Tokens and hidden states keep one width in every layer: twice `width`.
+        widths = block_widths(2 * config.width, 1, groups) * depth
     common = dict(
         in_channels=info.channels,
         num_classes=info.num_classes,
@@ -329,10 +332,12 @@ def build_arm(config, arm_id: int, info) -> LocalArm:
         bottleneck=config.bottleneck,
         mean=info.mean,
         std=info.std,
-        compress=config.compress,
-        groups=groups,
     )
-    if config.arm_type == "residual":
+    # Conv arms halve between blocks as `compress` says, per channel group.
+    conv = dict(compress=config.compress, groups=groups)
+    # Imported here, because these modules import LocalArm from this one and a
+    # top-level import would be circular.
+    if kind == "residual":
         from arms.residual import ResidualArm
 
         return ResidualArm(
@@ -342,13 +347,26 @@ def build_arm(config, arm_id: int, info) -> LocalArm:
             ),
             residual_blocks=config.residual_blocks,
             **common,
+            **conv,
         )
-    if config.arm_type == "grouped":
+    if kind == "grouped":
         return GroupedArm(
             goodness_scale=config.goodness_scale,
             goodness_layers=min(config.goodness_layers, depth),
             **common,
+            **conv,
         )
+    if kind == "transformer":
+        from arms.transformer import TransformerArm
+
+        return TransformerArm(goodness_scale=config.goodness_scale, **common)
+    if kind == "lstm":
+        from arms.lstm import LSTMArm
+
+        return LSTMArm(goodness_scale=config.goodness_scale, **common)
     return OverlayArm(
-        threshold=config.threshold, label_strength=config.label_strength, **common
+        threshold=config.threshold,
+        label_strength=config.label_strength,
+        **common,
+        **conv,
     )

@@ -11,8 +11,10 @@ import math
 from dataclasses import dataclass, field
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
-ARM_TYPES = ("grouped", "overlay", "residual")
+ARM_TYPES = ("grouped", "overlay", "residual", "transformer", "lstm", "heterogeneous")
 COMPRESSIONS = ("pool", "stride")
+# The original's heterogeneous set: arm i of a heterogeneous run is entry i % 4.
+HETEROGENEOUS_KINDS = ("grouped", "grouped", "transformer", "lstm")
 COMPETITIONS = ("soft", "topk", "gumbel")
 # attention: nerve ring + coordinator + MLP over the arms' features and logits.
 # logit: learned softmax weights over the arms' local-classifier logits (fully local
@@ -226,6 +228,12 @@ class RunConfig:
 
     def scales(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.arm_scales.split(","))
+
+    def arm_kind(self, arm_id: int) -> str:
+        """Arm type of arm `arm_id`: `arm_type`, resolved per arm when heterogeneous."""
+        if self.arm_type == "heterogeneous":
+            return HETEROGENEOUS_KINDS[arm_id % len(HETEROGENEOUS_KINDS)]
+        return self.arm_type
 
     def arm_resolution(self, arm_id: int, image_size: int) -> int:
         """Input side length of arm `arm_id` (all arms see full size without multiscale)."""
