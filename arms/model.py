@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arms.feedback import FeedbackGain
 from arms.goodness import class_goodness, ff_loss, goodness, grouped_loss, separation
 from common.overlay import apply_overlay, class_patterns, neutral_overlay, wrong_labels
 
@@ -69,6 +70,7 @@ class LocalArm(nn.Module):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         batch_norm: bool,
+        feedback: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -85,6 +87,10 @@ class LocalArm(nn.Module):
         self.head = nn.Linear(bottleneck, num_classes)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        # Built last and without random numbers, so the other weights match a run
+        # without feedback.
+        self.feedback = FeedbackGain(num_classes, widths[-1]) if feedback else None
+        self.feedback_optimizer: torch.optim.Optimizer | None = None
 
     def configure_optimizer(
         self, lr: float, weight_decay: float, total_steps: int
@@ -92,19 +98,37 @@ class LocalArm(nn.Module):
         """AdamW with a cosine schedule over `total_steps` steps.
 
         AdamW's state is per parameter, so one optimizer over all blocks updates each
-        block exactly as a separate optimizer per block would.
+        block exactly as a separate optimizer per block would. The feedback gain has
+        its own AdamW at a constant `lr`, used only by `train_feedback_step`.
         """
-        self.optimizer = torch.optim.AdamW(
-            self.parameters(), lr=lr, weight_decay=weight_decay
-        )
+        local = [
+            p for name, p in self.named_parameters() if not name.startswith("feedback.")
+        ]
+        self.optimizer = torch.optim.AdamW(local, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=max(1, total_steps)
         )
+        if self.feedback is not None:
+            self.feedback_optimizer = torch.optim.AdamW(
+                self.feedback.parameters(), lr=lr, weight_decay=weight_decay
+            )
 
-    def features(self, h: torch.Tensor) -> torch.Tensor:
-        """Bottleneck features (B, D) from the last block's output."""
-        pooled = F.adaptive_avg_pool2d(h.detach().float(), 2).flatten(1)
+    def features(self, h: torch.Tensor, detach: bool = True) -> torch.Tensor:
+        """Bottleneck features (B, D) from the last block's output.
+
+        `detach=False` lets the feedback gain before `h` learn from the local
+        classifier's loss.
+        """
+        h = h.detach() if detach else h
+        pooled = F.adaptive_avg_pool2d(h.float(), 2).flatten(1)
         return F.layer_norm(self.projection(pooled), (self.projection.out_features,))
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """The arm's own logits from its last output; pass 2 of feedback uses it.
+
+        Subclasses whose `encode` logits are not the local classifier's override it.
+        """
+        return self.head(self.features(h, detach=False))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
@@ -169,6 +193,81 @@ class LocalArm(nn.Module):
             logits = self.head(features)
         return features, logits.float()
 
+    def _check_feedback(self) -> FeedbackGain:
+        if self.feedback is None:
+            raise RuntimeError("this arm was built without feedback (feedback=False)")
+        return self.feedback
+
+    @torch.no_grad()
+    def infer_feedback(
+        self,
+        images: torch.Tensor,
+        probs: torch.Tensor,
+        autocast_dtype: torch.dtype | None = None,
+        head_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 2: (features, logits) with the last output scaled by the gain for
+        the brain's probabilities `probs` (B, C) of the same images.
+        """
+        feedback = self._check_feedback()
+        self.eval()
+        device_type = images.device.type
+        with torch.autocast(
+            device_type,
+            dtype=autocast_dtype or torch.float32,
+            enabled=autocast_dtype is not None,
+        ):
+            h_last, _ = self.encode(images)
+        h_feedback = feedback(h_last, probs)
+        features = self.features(h_feedback).float()
+        logits = self.head(features) if head_logits else self.readout(h_feedback)
+        return features, logits.float()
+
+    def train_feedback_step(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        probs: torch.Tensor,
+        autocast_dtype: torch.dtype | None,
+    ) -> dict[str, float]:
+        """Update only the feedback gain with this arm's own loss on pass 2.
+
+        The loss is the cross-entropy of the readout (per-class goodness for grouped
+        arms) plus that of the local classifier, both on the modulated output. The
+        blocks run in eval mode under no_grad, so they and their BatchNorm
+        statistics stay as the brain's pass 1 learned them. `probs` is detached.
+        """
+        feedback = self._check_feedback()
+        assert self.feedback_optimizer is not None, "call configure_optimizer first"
+        self.eval()
+        device_type = images.device.type
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type,
+                dtype=autocast_dtype or torch.float32,
+                enabled=autocast_dtype is not None,
+            ),
+        ):
+            h_last, _ = self.encode(images)
+        h_feedback = feedback(h_last, probs)
+        readout_loss = F.cross_entropy(self.readout(h_feedback).float(), labels)
+        head_logits = self.head(self.features(h_feedback, detach=False))
+        head_loss = F.cross_entropy(head_logits, labels)
+
+        self.feedback_optimizer.zero_grad(set_to_none=True)
+        (readout_loss + head_loss).backward()
+        self.feedback_optimizer.step()
+        # The backward pass also reached the frozen projection and head.
+        for name, parameter in self.named_parameters():
+            if not name.startswith("feedback."):
+                parameter.grad = None
+        return {
+            "feedback_readout_loss": readout_loss.item(),
+            "feedback_head_loss": head_loss.item(),
+            "feedback_accuracy": (head_logits.argmax(1) == labels).float().mean().item(),
+        }
+
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the last block's output and the arm's own logits."""
         raise NotImplementedError
@@ -201,8 +300,10 @@ class GroupedArm(LocalArm):
         x = self.normalize(images)
         for block in self.blocks:
             x = block(x)
-        logits = class_goodness(x.float(), self.num_classes) * self.goodness_scale
-        return x, logits
+        return x, self.readout(x)
+
+    def readout(self, h):
+        return class_goodness(h.float(), self.num_classes) * self.goodness_scale
 
 
 class OverlayArm(LocalArm):
@@ -279,6 +380,7 @@ def build_arm(config, arm_id: int, info) -> LocalArm:
         bottleneck=config.bottleneck,
         mean=info.mean,
         std=info.std,
+        feedback=config.feedback,
     )
     if config.arm_type == "grouped":
         return GroupedArm(goodness_scale=config.goodness_scale, **common)
