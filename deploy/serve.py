@@ -51,6 +51,12 @@ class Service:
     def __init__(self, run_dir: str | Path, overrides: dict | None = None, tag="best"):
         self.run_dir = Path(run_dir)
         config = read_run_config(self.run_dir)
+        if config.feedback:
+            raise ConfigError(
+                f"run {self.run_dir} was trained with --feedback (feedback: true), and "
+                "the service answers in one round, without the second pass: score it "
+                f"with `python launch.py --eval {self.run_dir}` or deploy.api.load_run"
+            )
         self.config = dataclasses.replace(config, **(overrides or {}))
         self.tag = tag
         self.cluster = Cluster(self.config)
