@@ -287,7 +287,7 @@ class ArmActor:
     def train_feedback(self, epoch: int, feedback: dict) -> dict[str, float]:
         """Train the feedback gain for one pass over the training images.
 
-        `feedback` holds the brain's class probabilities (`probs`, (N, C)) for the
+        `feedback` contains the brain's class probabilities (`probs`, (N, C)) for the
         dataset `indices` of the training images. The images are not augmented,
         because the probabilities are the brain's for the plain images.
         """

@@ -124,7 +124,7 @@ class LocalArm(nn.Module):
         return F.layer_norm(self.projection(pooled), (self.projection.out_features,))
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
-        """The arm's own logits from its last output; pass 2 of feedback uses it.
+        """Compute the arm's own logits from its last output, as pass 2 needs them.
 
         Subclasses whose `encode` logits are not the local classifier's override it.
         """
@@ -195,7 +195,10 @@ class LocalArm(nn.Module):
 
     def _check_feedback(self) -> FeedbackGain:
         if self.feedback is None:
-            raise RuntimeError("this arm was built without feedback (feedback=False)")
+            raise RuntimeError(
+                "this arm has no feedback gain: build it from a config with "
+                "feedback=True (--feedback)"
+            )
         return self.feedback
 
     @torch.no_grad()
@@ -262,10 +265,11 @@ class LocalArm(nn.Module):
         for name, parameter in self.named_parameters():
             if not name.startswith("feedback."):
                 parameter.grad = None
+        correct = (head_logits.argmax(1) == labels).float()
         return {
             "feedback_readout_loss": readout_loss.item(),
             "feedback_head_loss": head_loss.item(),
-            "feedback_accuracy": (head_logits.argmax(1) == labels).float().mean().item(),
+            "feedback_accuracy": correct.mean().item(),
         }
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,7 +80,7 @@ class BrainActor:
             if parameters
             else None
         )
-        # Feedback runs: a second brain answers from the arms' pass-2 outputs. It
+        # Feedback runs: a second brain classifies the arms' pass-2 outputs. It
         # starts as a copy of the first when it first trains, since pass 2 starts
         # equal to pass 1.
         self.feedback_model = None
@@ -295,11 +295,14 @@ class BrainActor:
         return features, logits, live, labels
 
     def _brain(self, feedback_pass: bool):
-        """The brain of pass 1, or of pass 2 with its optimizer."""
+        """Return the brain and optimizer of pass 1, or those of pass 2."""
         if not feedback_pass:
             return self.model, self.optimizer
         if self.feedback_model is None:
-            raise RuntimeError("pass 2 needs a feedback run (feedback=True)")
+            raise RuntimeError(
+                "this brain has no pass-2 brain: pass 2 needs a run with "
+                "feedback=True (--feedback)"
+            )
         return self.feedback_model, self.feedback_optimizer
 
     def _train_batch(self, batch: Batch, model, optimizer) -> tuple[float, int]:
@@ -410,7 +413,7 @@ class BrainActor:
         model, _ = self._brain(feedback_pass)
         model.eval()
         keep = self.config.feedback and not feedback_pass
-        kept: list[Batch] = []
+        pass1_batches: list[Batch] = []
         arms, classes = len(arm_ids), self.model.num_classes
         correct = 0
         arm_correct = torch.zeros(arms, classes)
@@ -418,7 +421,7 @@ class BrainActor:
         class_count = torch.zeros(classes)
         for batch in self._receive(stream_id, tuple(arm_ids), expected):
             if keep:
-                kept.append(batch)
+                pass1_batches.append(batch)
             features, logits, live, labels = self._tensors(batch, split)
             brain_logits, attention = model(features, logits, live)
             correct += (brain_logits.argmax(1) == labels).sum().item()
@@ -439,7 +442,7 @@ class BrainActor:
             "samples": samples,
         }
         if keep:
-            result["feedback"] = self._probabilities(kept, split)
+            result["feedback"] = self._probabilities(pass1_batches, split)
         return result
 
     def checkpoint_path(self, tag: str) -> Path:
@@ -476,7 +479,9 @@ class BrainActor:
         if self.optimizer is not None:
             self.optimizer.load_state_dict(payload["state"]["optimizer"])
         if self.feedback_model is not None:
-            load_state(self.feedback_model, payload["state"]["feedback_model"], str(path))
+            load_state(
+                self.feedback_model, payload["state"]["feedback_model"], str(path)
+            )
             if self.feedback_optimizer is not None:
                 self.feedback_optimizer.load_state_dict(
                     payload["state"]["feedback_optimizer"]

@@ -101,7 +101,7 @@ class RunConfig:
     # 1 to N-1 of the arms masked, so it learns to answer from any subset of arms.
     arm_dropout: float = 0.5
     # Two passes per image: the brain's class probabilities for an image scale the
-    # arms' last outputs for that same image, and a second brain answers from them.
+    # arms' last outputs for that same image, and a second brain classifies them.
     feedback: bool = False
 
     # Run.

@@ -80,7 +80,7 @@ class OctopusModel:
 
         The arms run once, and in a feedback run once more per subset: the pass-1
         brain's probabilities for an image, which depend on the live arms, scale
-        each arm's last output for that image, and the pass-2 brain answers.
+        each arm's last output for that image, and the pass-2 brain classifies them.
         """
         images = self._check_images(images)
         everyone = list(range(len(self.arms)))
@@ -121,7 +121,9 @@ class OctopusModel:
         """Pass-2 brain logits for images `x` from the pass-1 brain's `logits`."""
         probs = torch.softmax(logits.float(), dim=1)
         per_arm = [
-            arm.infer_feedback(resize(x, arm.resolution), probs, head_logits=head_logits)
+            arm.infer_feedback(
+                resize(x, arm.resolution), probs, head_logits=head_logits
+            )
             for arm in self.arms
         ]
         features = torch.stack([f for f, _ in per_arm], 1)

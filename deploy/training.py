@@ -269,10 +269,11 @@ def run_epochs(cluster: Cluster, metrics_path: Path) -> tuple[dict, list[float]]
             "val_accuracy": val["accuracy"],
             "val_arm_accuracy": val["arm_accuracy"],
             "val_mean_attention": val["mean_attention"],
-            **({"val_pass1_accuracy": val["pass1_accuracy"]} if config.feedback else {}),
             "local_seconds": local_seconds,
             "epoch_seconds": seconds,
         }
+        if config.feedback:
+            record["val_pass1_accuracy"] = val["pass1_accuracy"]
         append_jsonl(metrics_path, record)
         log.info(
             "epoch %d/%d: validation accuracy %.4f (arms %s)%s, %.1f s (local phase %.1f s)",
@@ -386,13 +387,14 @@ def _train(config: RunConfig, data, run_dir: Path, show_progress: bool) -> dict:
         "test_class_attention": test["class_attention"],
         "class_names": list(data.class_names),
         "test_samples": test["samples"],
-        **({"test_pass1_accuracy": test["pass1_accuracy"]} if config.feedback else {}),
         "best_epoch": best["epoch"],
         "best_val_accuracy": best["val_accuracy"],
         "epoch_seconds": epoch_seconds,
         "total_seconds": time.perf_counter() - started,
         "git_revision": config.git_revision,
     }
+    if config.feedback:
+        results["test_pass1_accuracy"] = test["pass1_accuracy"]
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 

@@ -191,7 +191,9 @@ def test_pass_two_brain_loss_skips_arms(arm_type):
     images, labels = batch()
     probs = random_probs(0)
 
-    outputs = [arm.infer_feedback(resize(images, arm.resolution), probs) for arm in arms]
+    outputs = [
+        arm.infer_feedback(resize(images, arm.resolution), probs) for arm in arms
+    ]
     features = torch.stack([arm_features for arm_features, _ in outputs], 1)
     logits = torch.stack([arm_logits for _, arm_logits in outputs], 1)
     live = torch.ones(BATCH, config.arms, dtype=torch.bool)
@@ -213,7 +215,9 @@ def test_hundred_class_shapes(arm_type):
     images, labels = batch(classes=100)
 
     features, logits = arm.infer_feedback(images, random_probs(0, classes=100))
-    metrics = arm.train_feedback_step(images, labels, random_probs(1, classes=100), None)
+    metrics = arm.train_feedback_step(
+        images, labels, random_probs(1, classes=100), None
+    )
     brain_logits = model.predict_logits(uint8_images(3))
 
     assert arm.feedback.weight.shape == (arm.blocks[-1].conv.out_channels, 100)
@@ -249,7 +253,9 @@ def test_feedback_off_trains_same(arm_type):
     twin_state = twin.state_dict()
     for name, value in plain.state_dict().items():
         assert torch.equal(value, twin_state[name]), f"{name} differs"
-    assert torch.equal(twin_state["feedback.weight"], torch.zeros_like(twin.feedback.weight))
+    assert torch.equal(
+        twin_state["feedback.weight"], torch.zeros_like(twin.feedback.weight)
+    )
 
 
 @pytest.mark.parametrize("arm_type", ARM_TYPES)
@@ -382,7 +388,9 @@ def test_pass_two_brain_trains_alone(brain, push):
     second = dict(brain.feedback_model.named_parameters())
     for name, value in brain.model.named_parameters():
         # It started as a copy of the pass-1 brain, so a difference is training.
-        assert not torch.equal(second[name], value), f"pass-2 brain {name} did not change"
+        assert not torch.equal(second[name], value), (
+            f"pass-2 brain {name} did not change"
+        )
 
 
 def test_brain_checkpoint_holds_both_brains(brain, push):
@@ -492,3 +500,18 @@ def test_load_run_matches_feedback_run(feedback_run, data_dir):
     accuracy = model.evaluate(data.x_test[:500], data.y_test[:500])
 
     assert accuracy == pytest.approx(results["test_accuracy"], abs=0.005)
+
+
+@pytest.mark.parametrize("module", ["deploy.serve", "deploy.resilience"])
+def test_service_rejects_feedback_run(module, tmp_path, capsys):
+    import importlib
+
+    config = tiny_config(feedback=True)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+
+    status = importlib.import_module(module).main([str(tmp_path)])
+
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "--feedback" in error
+    assert f"launch.py --eval {tmp_path}" in error
