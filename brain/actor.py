@@ -87,7 +87,10 @@ class BrainActor:
         self.feedback_optimizer = None
         self.feedback_started = False
         if self.config.feedback:
-            self.feedback_model = build_brain(self.config, num_classes)
+            # A forked RNG leaves the random numbers of pass 1's training (dropout)
+            # as in a run without feedback; these initial weights are replaced.
+            with torch.random.fork_rng():
+                self.feedback_model = build_brain(self.config, num_classes)
             if parameters:
                 self.feedback_optimizer = torch.optim.AdamW(
                     self.feedback_model.parameters(), lr=self.config.brain_lr

@@ -6,6 +6,7 @@ distributed run with --feedback. Run: pytest tests/test_feedback.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -391,6 +392,36 @@ def test_pass_two_brain_trains_alone(brain, push):
         assert not torch.equal(second[name], value), (
             f"pass-2 brain {name} did not change"
         )
+
+
+def train_pass_one(config: RunConfig, run_dir) -> dict[str, torch.Tensor]:
+    """Train a brain built from `config` on one stream; return its pass-1 state."""
+    labels = {"y_train": np.arange(100) % CLASSES, "y_test": np.arange(50) % CLASSES}
+    actor = BrainActor(config.to_dict(), CLASSES, labels, str(run_dir), TOKEN)
+    context = zmq.Context()
+    socket = context.socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(actor.endpoint())
+    try:
+        send_stream(socket, "train:1")
+        actor.train_stream("train:1", [0, 1], epoch=1)
+        return snapshot(actor.model)
+    finally:
+        socket.close()
+        context.term()
+        actor.close()
+
+
+def test_pass_one_brain_unchanged_by_feedback(tmp_path):
+    # Dropout draws from torch's global generator, which each actor seeds.
+    config = RunConfig(arms=2, bottleneck=8, heads=4, stream_timeout_s=2.0)
+    with_feedback = dataclasses.replace(config, feedback=True)
+
+    plain = train_pass_one(config, tmp_path / "plain")
+    first = train_pass_one(with_feedback, tmp_path / "feedback")
+
+    for name, value in first.items():
+        assert torch.equal(value, plain[name]), f"pass-1 brain {name} differs"
 
 
 def test_brain_checkpoint_holds_both_brains(brain, push):
