@@ -36,6 +36,8 @@ def feedback_rows(
 
     Raises KeyError naming the first index that has no probabilities.
     """
+    if not len(indices):
+        raise KeyError("no brain probabilities at all: the feedback sent is empty")
     order = np.argsort(indices, kind="stable")
     sorted_indices = indices[order]
     positions = np.searchsorted(sorted_indices, wanted)

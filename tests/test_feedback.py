@@ -305,6 +305,8 @@ def test_feedback_rows_by_index():
     assert rows.tolist() == [[6.0, 7.0], [0.0, 1.0]]
     with pytest.raises(KeyError, match="image 25"):
         feedback_rows(indices, probs, np.array([10, 25]))
+    with pytest.raises(KeyError, match="empty"):
+        feedback_rows(indices[:0], probs[:0], np.array([10]))
 
 
 # The brain actor in this process (no Ray) behind its real ZeroMQ socket.
