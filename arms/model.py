@@ -209,8 +209,8 @@ class LocalArm(nn.Module):
         autocast_dtype: torch.dtype | None = None,
         head_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pass 2: (features, logits) with the last output scaled by the gain for
-        the brain's probabilities `probs` (B, C) of the same images.
+        """Return pass-2 (features, logits), with the last output scaled by the gain
+        for the brain's probabilities `probs` (B, C) of the same images.
         """
         feedback = self._check_feedback()
         self.eval()
@@ -238,7 +238,8 @@ class LocalArm(nn.Module):
         The loss is the cross-entropy of the readout (per-class goodness for grouped
         arms) plus that of the local classifier, both on the modulated output. The
         blocks run in eval mode under no_grad, so they and their BatchNorm
-        statistics stay as the brain's pass 1 learned them. `probs` is detached.
+        statistics stay as they were when the pass-1 brain trained on their outputs.
+        `probs` is detached.
         """
         feedback = self._check_feedback()
         assert self.feedback_optimizer is not None, "call configure_optimizer first"
