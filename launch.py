@@ -224,6 +224,12 @@ def build_parser(
         default=defaults.arm_dropout,
         help="module dropout: share of training samples with 1 to N-1 arms masked",
     )
+    brain.add_argument(
+        "--feedback",
+        action="store_true",
+        help="two passes per image: the brain's class probabilities scale each arm's "
+        "last output for the same image, and a second brain answers from the result",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument(
@@ -341,6 +347,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         brain_lr=args.brain_lr,
         brain_passes=args.brain_passes,
         arm_dropout=args.arm_dropout,
+        feedback=args.feedback,
         actor_restarts=args.actor_restarts,
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -49,6 +49,7 @@ class LSTMArm(LocalArm):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         goodness_scale: float,
+        feedback: bool = False,
     ):
         super().__init__(
             in_channels,
@@ -59,6 +60,7 @@ class LSTMArm(LocalArm):
             mean,
             std,
             batch_norm=False,
+            feedback=feedback,
         )
         if any(width % self.num_classes for width in widths):
             raise ValueError(
@@ -82,11 +84,10 @@ class LSTMArm(LocalArm):
         # (B, T, H) -> (B, H, T): class groups are contiguous ranges of hidden units.
         return class_goodness(hidden.float().transpose(1, 2), self.num_classes)
 
-    def features(self, h: torch.Tensor) -> torch.Tensor:
-        """Bottleneck features (B, D) from the last layer's hidden states (B, T, H)."""
-        segments = F.adaptive_avg_pool1d(
-            h.detach().float().transpose(1, 2), FEATURE_SEGMENTS
-        )
+    def features(self, h: torch.Tensor, detach: bool = True) -> torch.Tensor:
+        """Bottleneck features (B, D) from the last layer's hidden states (B, H, T)."""
+        h = h.detach() if detach else h
+        segments = F.adaptive_avg_pool1d(h.float(), FEATURE_SEGMENTS)
         projected = self.projection(segments.flatten(1))
         return F.layer_norm(projected, (self.projection.out_features,))
 
@@ -100,10 +101,15 @@ class LSTMArm(LocalArm):
         g_pos, g_neg = separation(g.detach(), labels)
         accuracy = (g.argmax(1) == labels).float().mean().item()
         metrics = {"goodness_pos": g_pos, "goodness_neg": g_neg, "accuracy": accuracy}
-        return losses, x, metrics
+        # Hidden units first, (B, H, T), as the feedback gain scales dim 1.
+        return losses, x.transpose(1, 2), metrics
 
     def encode(self, images):
         x = self._rows(images)
         for layer in self.blocks:
             x = layer(x)
-        return x, self._goodness(x) * self.goodness_scale
+        return x.transpose(1, 2), self._goodness(x) * self.goodness_scale
+
+    def readout(self, h):
+        # Pass 2 of a feedback run: the goodness of the gained hidden states (B, H, T).
+        return class_goodness(h.float(), self.num_classes) * self.goodness_scale

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arms.feedback import FeedbackGain
 from arms.goodness import class_goodness, ff_loss, goodness, grouped_loss, separation
 from arms.optim import LayerOptimizers, LayerSchedulers
 from common.overlay import apply_overlay, class_patterns, neutral_overlay, wrong_labels
@@ -86,6 +87,11 @@ class ConvBlock(nn.Module):
         return self.compress(h) if self.compress is not None else F.max_pool2d(h, 2)
 
 
+def opt_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Return every parameter an optimizer updates."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 class LocalArm(nn.Module):
     """Shared parts: normalisation of the input, bottleneck, local classifier, optimizer."""
 
@@ -101,6 +107,7 @@ class LocalArm(nn.Module):
         batch_norm: bool,
         compress: str = "pool",
         groups: int = 1,
+        feedback: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -117,6 +124,10 @@ class LocalArm(nn.Module):
         self.head = nn.Linear(bottleneck, num_classes)
         self.optimizer: LayerOptimizers | None = None
         self.scheduler: LayerSchedulers | None = None
+        # Built last and without random numbers, so the other weights match a run
+        # without feedback.
+        self.feedback = FeedbackGain(num_classes, widths[-1]) if feedback else None
+        self.feedback_optimizer: torch.optim.Optimizer | None = None
 
     def configure_optimizer(
         self, lr: float, weight_decay: float, total_steps: int
@@ -124,18 +135,44 @@ class LocalArm(nn.Module):
         """One AdamW with a cosine schedule over `total_steps` steps per layer.
 
         Each block has its own optimizer, and so does the readout (bottleneck projection
-        and local classifier), so no optimizer state is shared between layers.
+        and local classifier), so no optimizer state is shared between layers. The
+        feedback gain has its own AdamW at a constant `lr`, used only by
+        `train_feedback_step`.
         """
         readout = nn.ModuleList([self.projection, self.head])
         self.optimizer = LayerOptimizers(
             [*self.blocks, readout], lr, weight_decay, total_steps
         )
         self.scheduler = LayerSchedulers(self.optimizer)
+        covered = {id(p) for opt in self.optimizer.optimizers for p in opt_params(opt)}
+        missed = [
+            name
+            for name, p in self.named_parameters()
+            if id(p) not in covered and not name.startswith("feedback.")
+        ]
+        if missed:
+            raise ValueError(f"parameters outside every layer's optimizer: {missed}")
+        if self.feedback is not None:
+            self.feedback_optimizer = torch.optim.AdamW(
+                self.feedback.parameters(), lr=lr, weight_decay=weight_decay
+            )
 
-    def features(self, h: torch.Tensor) -> torch.Tensor:
-        """Bottleneck features (B, D) from the last block's output."""
-        pooled = F.adaptive_avg_pool2d(h.detach().float(), 2).flatten(1)
+    def features(self, h: torch.Tensor, detach: bool = True) -> torch.Tensor:
+        """Bottleneck features (B, D) from the last block's output.
+
+        `detach=False` lets the feedback gain before `h` learn from the local
+        classifier's loss.
+        """
+        h = h.detach() if detach else h
+        pooled = F.adaptive_avg_pool2d(h.float(), 2).flatten(1)
         return F.layer_norm(self.projection(pooled), (self.projection.out_features,))
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """Compute the arm's own logits from its last output, as pass 2 needs them.
+
+        Subclasses whose `encode` logits are not the local classifier's override it.
+        """
+        return self.head(self.features(h, detach=False))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
@@ -200,6 +237,86 @@ class LocalArm(nn.Module):
             logits = self.head(features)
         return features, logits.float()
 
+    def _check_feedback(self) -> FeedbackGain:
+        if self.feedback is None:
+            raise RuntimeError(
+                "this arm has no feedback gain: build it from a config with "
+                "feedback=True (--feedback)"
+            )
+        return self.feedback
+
+    @torch.no_grad()
+    def infer_feedback(
+        self,
+        images: torch.Tensor,
+        probs: torch.Tensor,
+        autocast_dtype: torch.dtype | None = None,
+        head_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return pass-2 (features, logits), with the last output scaled by the gain
+        for the brain's probabilities `probs` (B, C) of the same images.
+        """
+        feedback = self._check_feedback()
+        self.eval()
+        device_type = images.device.type
+        with torch.autocast(
+            device_type,
+            dtype=autocast_dtype or torch.float32,
+            enabled=autocast_dtype is not None,
+        ):
+            h_last, _ = self.encode(images)
+        h_feedback = feedback(h_last, probs)
+        features = self.features(h_feedback).float()
+        logits = self.head(features) if head_logits else self.readout(h_feedback)
+        return features, logits.float()
+
+    def train_feedback_step(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        probs: torch.Tensor,
+        autocast_dtype: torch.dtype | None,
+    ) -> dict[str, float]:
+        """Update only the feedback gain with this arm's own loss on pass 2.
+
+        The loss is the cross-entropy of the readout (per-class goodness for grouped
+        arms) plus that of the local classifier, both on the modulated output. The
+        blocks run in eval mode under no_grad, so they and their BatchNorm
+        statistics stay as they were when the pass-1 brain trained on their outputs.
+        `probs` is detached.
+        """
+        feedback = self._check_feedback()
+        assert self.feedback_optimizer is not None, "call configure_optimizer first"
+        self.eval()
+        device_type = images.device.type
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type,
+                dtype=autocast_dtype or torch.float32,
+                enabled=autocast_dtype is not None,
+            ),
+        ):
+            h_last, _ = self.encode(images)
+        h_feedback = feedback(h_last, probs)
+        readout_loss = F.cross_entropy(self.readout(h_feedback).float(), labels)
+        head_logits = self.head(self.features(h_feedback, detach=False))
+        head_loss = F.cross_entropy(head_logits, labels)
+
+        self.feedback_optimizer.zero_grad(set_to_none=True)
+        (readout_loss + head_loss).backward()
+        self.feedback_optimizer.step()
+        # The backward pass also reached the frozen projection and head.
+        for name, parameter in self.named_parameters():
+            if not name.startswith("feedback."):
+                parameter.grad = None
+        correct = (head_logits.argmax(1) == labels).float()
+        return {
+            "feedback_readout_loss": readout_loss.item(),
+            "feedback_head_loss": head_loss.item(),
+            "feedback_accuracy": correct.mean().item(),
+        }
+
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the last block's output and the arm's own logits."""
         raise NotImplementedError
@@ -247,6 +364,11 @@ class GroupedArm(LocalArm):
     def encode(self, images):
         h_last, scores = self.layer_goodness(images)
         return h_last, combine_layers(scores, self.goodness_layers)
+
+    def readout(self, h):
+        # Pass 2 of a feedback run scores the gained last block only.
+        scores = class_goodness(h.float(), self.num_classes) * self.goodness_scale
+        return F.log_softmax(scores, dim=-1)
 
 
 def combine_layers(scores: torch.Tensor, last: int) -> torch.Tensor:
@@ -332,6 +454,7 @@ def build_arm(config, arm_id: int, info) -> LocalArm:
         bottleneck=config.bottleneck,
         mean=info.mean,
         std=info.std,
+        feedback=config.feedback,
     )
     # Conv arms halve between blocks as `compress` says, per channel group.
     conv = dict(compress=config.compress, groups=groups)

@@ -109,3 +109,9 @@ class ResidualArm(LocalArm):
     def encode(self, images):
         y, scores = self.layer_goodness(images)
         return y, combine_layers(scores, self.goodness_layers)
+
+    def readout(self, h):
+        # Pass 2 of a feedback run scores the gained last output only. Its mean per
+        # class group is the last layer's goodness, as the skip input is group-normed.
+        scores = class_goodness(h.float(), self.num_classes) * self.goodness_scale
+        return F.log_softmax(scores, dim=-1)

@@ -111,6 +111,7 @@ class TransformerArm(LocalArm):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         goodness_scale: float,
+        feedback: bool = False,
     ):
         super().__init__(
             in_channels,
@@ -121,6 +122,7 @@ class TransformerArm(LocalArm):
             mean,
             std,
             batch_norm=False,
+            feedback=feedback,
         )
         dim = widths[0]
         if any(width != dim for width in widths) or dim % self.num_classes:
@@ -141,6 +143,10 @@ class TransformerArm(LocalArm):
     def _goodness(self, tokens: torch.Tensor) -> torch.Tensor:
         # (B, T, D) -> (B, D, T): class groups are contiguous channel ranges.
         return class_goodness(F.relu(tokens.float()).transpose(1, 2), self.num_classes)
+
+    def readout(self, h):
+        # Pass 2 of a feedback run: the goodness of the gained token map (B, D, g, g).
+        return class_goodness(F.relu(h.float()), self.num_classes) * self.goodness_scale
 
     def _token_map(self, tokens: torch.Tensor) -> torch.Tensor:
         # (B, T, D) -> (B, D, g, g), the layout `LocalArm.features` pools.

@@ -108,6 +108,9 @@ class RunConfig:
     # Module dropout: the share of training samples the brain sees with a random
     # 1 to N-1 of the arms masked, so it learns to answer from any subset of arms.
     arm_dropout: float = 0.5
+    # Two passes per image: the brain's class probabilities for an image scale the
+    # arms' last outputs for that same image, and a second brain classifies them.
+    feedback: bool = False
 
     # Run.
     epochs: int = 1
