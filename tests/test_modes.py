@@ -58,7 +58,7 @@ MODES = {
         0.2,
     ),
     "sff-logit-coordinator": (
-        ["--arms", "2", "--use-sff", "--width", "20", "--epochs", "2", "--lr", "5e-3"],
+        ["--arms", "2", "--use-sff", "--width", "20", "--epochs", "8", "--lr", "5e-3"],
         0.2,
     ),
     "ensemble-fashion-mnist": (
