@@ -37,21 +37,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_parser(
     description: str = "Train OctopusNet: arms as Ray actors with local "
     "Forward-Forward training, a brain that gathers their outputs over ZeroMQ.",
+    saved_runs: bool = True,
 ) -> argparse.ArgumentParser:
-    """Every option of a run; scripts that train a run's configuration reuse it."""
+    """Build the parser of every run option; scripts that train a config reuse it.
+
+    `saved_runs` adds --eval and --report, which act on a saved run instead.
+    """
     defaults = RunConfig()
     parser = argparse.ArgumentParser(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=description,
     )
-    parser.add_argument(
-        "--eval", metavar="RUN_DIR", help="evaluate a saved run instead of training"
-    )
-    parser.add_argument(
-        "--report",
-        metavar="RUN_DIR",
-        help="write figures and report.md for a finished run instead of training",
-    )
+    if saved_runs:
+        parser.add_argument(
+            "--eval", metavar="RUN_DIR", help="evaluate a saved run instead of training"
+        )
+        parser.add_argument(
+            "--report",
+            metavar="RUN_DIR",
+            help="write figures and report.md for a finished run instead of training",
+        )
     parser.add_argument(
         "--quiet",
         action="store_true",

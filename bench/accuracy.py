@@ -52,7 +52,7 @@ PLANNED_SHARE = 0.92
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser(description=__doc__.split("\n\n")[0])
+    parser = build_parser(description=__doc__.split("\n\n")[0], saved_runs=False)
     bench = parser.add_argument_group("budget")
     bench.add_argument(
         "--budget-minutes",
