@@ -68,9 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     bench.add_argument(
         "--output",
-        default="",
+        default=None,
         help="directory for accuracy.json, accuracy.png and best.pt "
-        "(default: OUTPUT_DIR/accuracy-<time stamp>)",
+        "(None: OUTPUT_DIR/accuracy-<time stamp>)",
     )
     return parser.parse_args(argv)
 
@@ -244,12 +244,12 @@ def plot(record: dict, path: Path) -> None:
     cfg = record["config"]
     ax.set_title(
         f"{cfg['dataset']}: {cfg['arms']} {cfg['arm_type']} arm(s), "
-        f"width {cfg['width']}, {record['epochs_run']} epochs in "
+        f"width {cfg['width']}, {record['epochs_run']} epoch(s) in "
         f"{record['budget_minutes']:g} min budget",
         fontsize=10,
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best", framealpha=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> dict:
     eval_s = (time.perf_counter() - start) * len(val_images) / 500
     epochs = max(1, math.floor(PLANNED_SHARE * budget_s / (epoch_s + eval_s)))
     print(
-        f"planned {epochs} epochs: {epoch_s:.0f} s of training and {eval_s:.0f} s of "
+        f"planned {epochs} epoch(s): {epoch_s:.0f} s of training and {eval_s:.0f} s of "
         f"validation per epoch in a {args.budget_minutes:g}-minute budget",
         flush=True,
     )

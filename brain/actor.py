@@ -23,6 +23,7 @@ from brain.model import arm_dropout_mask, build_brain
 from brain.serving import BrainServer
 from common import wire
 from common.checkpoint import (
+    CheckpointError,
     check_same_run,
     load_checkpoint,
     load_state,
@@ -482,6 +483,11 @@ class BrainActor:
         if self.optimizer is not None:
             self.optimizer.load_state_dict(payload["state"]["optimizer"])
         if self.feedback_model is not None:
+            if "feedback_model" not in payload["state"]:
+                raise CheckpointError(
+                    f"{path} has no pass-2 brain, but the run's config has feedback "
+                    "on: the checkpoint is from a run without --feedback"
+                )
             load_state(
                 self.feedback_model, payload["state"]["feedback_model"], str(path)
             )

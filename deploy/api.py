@@ -22,7 +22,12 @@ import torch
 from arms.augment import resize, to_tensor
 from arms.model import LocalArm, build_arm
 from brain.model import build_brain
-from common.checkpoint import check_same_run, load_checkpoint, load_state
+from common.checkpoint import (
+    CheckpointError,
+    check_same_run,
+    load_checkpoint,
+    load_state,
+)
 from common.config import RunConfig
 from common.datasets import DATASET_INFO
 from deploy import training
@@ -178,6 +183,12 @@ def load_run(run_dir: str | Path, tag: str = "best") -> OctopusModel:
     feedback_brain = None
     if config.feedback:
         feedback_brain = build_brain(config, info.num_classes)
+        if "feedback_model" not in payload["state"]:
+            raise CheckpointError(
+                f"{path} has no pass-2 brain, but the run's config has feedback on: "
+                "the checkpoint is from a run without --feedback; retrain or restore "
+                "the run's own checkpoints"
+            )
         load_state(feedback_brain, payload["state"]["feedback_model"], str(path))
     return OctopusModel(config, arms, brain, feedback_brain)
 
