@@ -49,6 +49,7 @@ REFERENCE_LINES = {
 }
 # Share of the budget planned for training and validation; the rest absorbs drift.
 PLANNED_SHARE = 0.92
+MAX_EPOCHS = 10_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -266,12 +267,29 @@ def run(args: argparse.Namespace) -> dict:
             "--device cuda was requested but no CUDA device is visible: pass --device "
             "cpu or run on a machine with a GPU"
         )
+    if config.feedback:
+        raise ConfigError(
+            "--feedback needs the brain, which this benchmark does not train: "
+            "measure feedback runs with launch.py"
+        )
+    if config.val_size < 1:
+        raise ConfigError(
+            f"invalid validation size {config.val_size}: the benchmark chooses the "
+            "epoch and K on validation, so pass --val-size 1 or more"
+        )
+    data = load_dataset(config.dataset, config.data_dir, config.download)
+    trainer = Trainer(config, data, device)
     output = Path(
         args.output or Path(config.output_dir) / time.strftime("accuracy-%Y%m%d-%H%M%S")
     )
-    output.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(config.dataset, config.data_dir, config.download)
-    trainer = Trainer(config, data, device)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "accuracy.json").touch()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write to output directory {output}: {err}. Pass a writable "
+            "--output"
+        ) from err
     budget_s = args.budget_minutes * 60
 
     epoch_s = trainer.time_steps()
@@ -280,7 +298,14 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     trainer.accuracies(val_images[:500], val_labels[:500])
     eval_s = (time.perf_counter() - start) * len(val_images) / 500
-    epochs = max(1, math.floor(PLANNED_SHARE * budget_s / (epoch_s + eval_s)))
+    planned = PLANNED_SHARE * budget_s / (epoch_s + eval_s)
+    epochs = max(1, math.floor(min(planned, MAX_EPOCHS)))
+    if planned < 1:
+        print(
+            f"warning: one epoch takes about {(epoch_s + eval_s) / 60:.1f} minutes, "
+            f"more than the {args.budget_minutes:g}-minute budget; running one",
+            flush=True,
+        )
     print(
         f"planned {epochs} epoch(s): {epoch_s:.0f} s of training and {eval_s:.0f} s of "
         f"validation per epoch in a {args.budget_minutes:g}-minute budget",

@@ -78,6 +78,10 @@ RUN_KEYS = (
     "width",
     "depth",
     "bottleneck",
+    "compress",
+    "residual_blocks",
+    "goodness_layers",
+    "feedback",
 )
 
 

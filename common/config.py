@@ -178,6 +178,12 @@ class RunConfig:
         _check_range("heartbeat interval", self.heartbeat_interval_s, 0.001, 60.0)
         _check_range("heartbeat timeout", self.heartbeat_timeout_s, 0.002, 600.0)
         _check_range("miss limit", self.miss_limit, 1, 1000)
+        if self.feedback and self.goodness_layers > 1:
+            raise ConfigError(
+                f"goodness layers {self.goodness_layers} with feedback: the second "
+                "pass scores the gained last layer only, so it would not start equal "
+                "to the first. Use --goodness-layers 1 with --feedback"
+            )
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError(
                 f"heartbeat timeout {self.heartbeat_timeout_s} s must exceed the "

@@ -80,6 +80,8 @@ def test_budgeted_run_writes_curve_and_plot(data_dir, tmp_path):
         (["--budget-minutes", "1", "--threads", "0"], "threads"),
         (["--budget-minutes", "1", "--compress", "avg"], "invalid choice"),
         (["--budget-minutes", "1", "--eval", "runs/x"], "unrecognized arguments"),
+        (["--budget-minutes", "1", "--feedback"], "does not train"),
+        (["--budget-minutes", "1", "--val-size", "0"], "invalid validation size"),
     ],
 )
 def test_bad_options_rejected(args, expected):

@@ -140,3 +140,8 @@ def test_from_dict_rejects_wrong_types(values):
 def test_constructor_rejects_float_arms():
     with pytest.raises(ConfigError, match="arms=2.5"):
         RunConfig(arms=2.5)
+
+
+def test_feedback_with_several_goodness_layers_rejected():
+    with pytest.raises(ConfigError, match="--goodness-layers 1 with --feedback"):
+        RunConfig(feedback=True, goodness_layers=2)
