@@ -1,10 +1,10 @@
 """Fresh brains trained in-process on a trained run's arms, for brain-only ablations.
 
 Variants that change only the brain (nerve ring, competition, brain mode) leave the
-arms' training unchanged, so one distributed run per seed trains the arms. Here its
-arms compute their outputs once; then a fresh brain per variant trains on them as
-the brain actor does (module dropout, AdamW at `brain_lr`, `epochs x brain_passes`
-passes of `batch_size`), the pass with the best validation accuracy is kept, and the
+arms' training unchanged, so one distributed run per seed trains the arms. Its arms
+compute their outputs once. A fresh brain per variant then trains on them as the
+brain actor does: module dropout, AdamW at `brain_lr`, `epochs x brain_passes`
+passes of `batch_size`. The pass with the best validation accuracy is kept, and the
 test split is scored once with it.
 """
 
@@ -35,7 +35,7 @@ class ArmOutputs:
     labels: torch.Tensor  # (N,)
 
     def logits_for(self, config: RunConfig) -> torch.Tensor:
-        """The logits the arm actor streams for `config.brain_mode`."""
+        """Return the logits that the arm actor streams for `config.brain_mode`."""
         return self.own_logits if config.brain_mode == "attention" else self.head_logits
 
 
@@ -66,7 +66,7 @@ def arm_outputs(
 
 @torch.no_grad()
 def accuracy(brain: torch.nn.Module, outputs: ArmOutputs, config: RunConfig) -> float:
-    """Accuracy of `brain` on a split with every arm live."""
+    """Score `brain` on a split with every arm live."""
     brain.eval()
     live = torch.ones(outputs.features.shape[:2], dtype=torch.bool)
     logits, _ = brain(outputs.features, outputs.logits_for(config), live)
@@ -80,9 +80,9 @@ def train_brain(
     val: ArmOutputs,
     test: ArmOutputs,
 ) -> dict:
-    """Train a fresh brain for `config`; return validation and test accuracy.
+    """Train a fresh brain for `config` and return its validation and test accuracy.
 
-    The validation split chooses the pass; the test split is scored once, with it.
+    The validation split chooses the pass, and the test split is scored once with it.
     The ensemble brain has no parameters, so it is scored as built.
     """
     torch.manual_seed(config.seed)
@@ -123,7 +123,7 @@ def train_brain(
 
 
 def brain_config(base: RunConfig, overrides: dict) -> RunConfig:
-    """The base run's config with brain-only overrides (rejects arm options)."""
+    """Apply brain-only overrides to the base run's config; options of the arms raise."""
     arm_options = set(overrides) - BRAIN_OPTIONS
     if arm_options:
         raise ValueError(
@@ -156,7 +156,7 @@ def failure_cases(arms: int) -> list[tuple[int, ...]]:
 
 
 def lost_arm_accuracy(model: OctopusModel, images: np.ndarray, labels) -> dict:
-    """Accuracy of the saved model with each failure case masked in-process.
+    """Score the saved model with the arms of each failure case masked in-process.
 
     Returns the accuracy per case ("none", "0", "0+1", ...) and the mean and worst
     over the single losses and over the pair losses.

@@ -1,4 +1,4 @@
-"""Aggregate ablation runs over seeds; write an experiment's JSON, Markdown table and plot.
+"""Aggregate ablation runs over seeds, and write an experiment's JSON, table and plot.
 
 The ablation runner (deploy/experiments.py) calls these, and so does its `--docs` step,
 which rebuilds the tables section of docs/results.md from the JSON files alone.
@@ -40,7 +40,7 @@ class ExperimentRecordError(ValueError):
 
 
 def summarize(values: list[float]) -> dict:
-    """Mean, sample standard deviation (0 for one value), min, max and count."""
+    """Compute the mean, sample standard deviation (0 for one value), min, max and count."""
     if not values:
         raise ValueError("no values to summarize: every variant needs at least one run")
     array = np.asarray(values, dtype=float)
@@ -55,7 +55,7 @@ def summarize(values: list[float]) -> dict:
 
 
 def summarize_variant(runs: list[dict]) -> dict:
-    """Summaries of the validation and test accuracy of one variant's runs."""
+    """Summarize the validation and test accuracy of one variant's runs."""
     return {
         split: summarize([run[f"{split}_accuracy"] for run in runs])
         for split, _ in SPLITS
@@ -63,7 +63,7 @@ def summarize_variant(runs: list[dict]) -> dict:
 
 
 def hardware() -> dict:
-    """CPU model, core count, torch version and GPU of this machine."""
+    """Describe this machine: CPU model, core count, torch version and GPU."""
     cpu_model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -120,7 +120,7 @@ def budget_line(record: dict) -> str:
 
 
 def render_table(record: dict) -> str:
-    """Markdown table of an experiment: mean ± spread over seeds, in percent."""
+    """Render an experiment's Markdown table: mean ± spread over seeds, in percent."""
     grouped = any(variant.get("group") for variant in record["variants"])
     header = ["Comparison"] if grouped else []
     header += ["Variant", "Validation accuracy (%)", "Test accuracy (%)", "Seeds"]
@@ -148,7 +148,7 @@ def render_table(record: dict) -> str:
 
 
 def render_markdown(record: dict) -> str:
-    """The experiment's stand-alone Markdown: title, table, budget and command."""
+    """Render the experiment's stand-alone Markdown: title, table, budget and command."""
     return (
         f"## {record['experiment']}: {record['title']}\n\n"
         f"{render_table(record)}\n"
@@ -158,7 +158,7 @@ def render_markdown(record: dict) -> str:
 
 
 def plot(record: dict, path: Path) -> None:
-    """Bars of validation and test accuracy, seed spread as error bars, chance dashed."""
+    """Plot validation and test accuracy as bars, the seed spread as error bars."""
     variants = record["variants"]
     labels = [
         f"{v['group']}: {v['label']}" if v.get("group") else v["label"]

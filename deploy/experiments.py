@@ -4,8 +4,8 @@ python -m deploy.experiments A1 A8 --seeds 3 --data-dir ../shared/data
 python -m deploy.experiments all --seeds 3 --docs   # every experiment, then the doc
 python -m deploy.experiments --docs                # only rebuild docs/results.md
 
-Each variant trains through deploy.training.train (a local Ray cluster, one actor
-per arm, ZeroMQ to the brain); a run whose config and seed were already trained
+Each variant trains through deploy.training.train: a local Ray cluster, one actor
+per arm, ZeroMQ to the brain. A run whose config and seed were already trained
 under --output-dir is reused, so the default run serves every experiment that
 contains it. Writes <id>.json, <id>.md and <id>.png per experiment.
 """
@@ -192,7 +192,7 @@ def select(ids: list[str]) -> list[Experiment]:
 
 
 def variant_config(base: RunConfig, variant: Variant, seed: int) -> RunConfig:
-    """The run config of a variant; ExperimentError names an option this code lacks."""
+    """Build a variant's run config; raise ExperimentError if RunConfig lacks an option."""
     if variant.mode == LOST_ARMS:
         return dataclasses.replace(base, seed=seed)
     try:
@@ -210,7 +210,7 @@ def check_supported(experiment: Experiment, base: RunConfig) -> None:
 
 
 def run_identity(config: RunConfig) -> str:
-    """A short name for a run: the non-default options, the seed and a config hash."""
+    """Name a run by its non-default options, its seed and a hash of its config."""
     values = {k: v for k, v in config.to_dict().items() if k not in IDENTITY_EXCLUDED}
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
     defaults = RunConfig().to_dict()
@@ -241,6 +241,7 @@ class Runner:
         name = run_identity(config)
         run_dir = self.runs_dir / name
         results_path = run_dir / "results.json"
+
         if results_path.is_file():
             results = json.loads(results_path.read_text())
             if name not in self.reused:
@@ -250,6 +251,7 @@ class Runner:
         if run_dir.exists():
             log.warning("removing the unfinished run %s to train it again", run_dir)
             shutil.rmtree(run_dir)
+
         config = dataclasses.replace(
             config, run_name=name, output_dir=str(self.runs_dir)
         )
@@ -265,6 +267,7 @@ class Runner:
         started = time.perf_counter()
         results = train(config, run_dir)
         seconds = time.perf_counter() - started
+
         self.trained += 1
         self.train_seconds += seconds
         remaining = max(0, self.planned - self.trained)
@@ -285,7 +288,7 @@ class Runner:
         return results | {"run_dir": str(run_dir), "reused": False}
 
     def split_outputs(self, run_dir: str):
-        """The default run's model and its arms' outputs on every split, computed once."""
+        """Load the default run's model and its three splits, once per run directory."""
         if run_dir not in self.outputs:
             model = load_run(run_dir)
             config = model.config
@@ -426,6 +429,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "experiments", nargs="*", help=f"ids: {', '.join(EXPERIMENTS)}, or all"
     )
+
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/experiments"))
     parser.add_argument(
@@ -433,6 +437,7 @@ def parse_args(argv: list[str] | None):
         default="",
         help="directory with cifar10.npz (default: $OCTOPUSNET_DATA_DIR or data)",
     )
+
     parser.add_argument("--epochs", type=positive_int, default=1)
     parser.add_argument(
         "--train-limit",
@@ -458,6 +463,7 @@ def parse_args(argv: list[str] | None):
         help="copy the JSON, Markdown and PNG of every finished experiment in "
         "--output-dir to docs/ and rebuild the tables of docs/results.md",
     )
+
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: give at least 1 seed")

@@ -29,7 +29,7 @@ def block_markers(experiment: str) -> tuple[str, str]:
 
 
 def render_block(record: dict, figure: str) -> str:
-    """The generated part of a section: table, plot, budget and command."""
+    """Render the generated part of a section: table, plot, budget and command."""
     begin, end = block_markers(record["experiment"])
     return (
         f"{begin}\n{render_table(record)}\n"
@@ -76,6 +76,7 @@ def publish(output_dir: Path, docs_dir: Path = REPO / "docs") -> Path:
     figures_dir = docs_dir / "figures"
     results_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
+
     if output_dir.is_dir():
         for source in sorted(output_dir.glob("*.json")):
             stem = source.stem
@@ -86,6 +87,7 @@ def publish(output_dir: Path, docs_dir: Path = REPO / "docs") -> Path:
             shutil.copyfile(
                 output_dir / f"{stem}.png", figures_dir / f"experiment-{stem}.png"
             )
+
     blocks = {}
     for path in sorted(results_dir.glob("*.json")):
         record = json.loads(path.read_text())
@@ -97,6 +99,7 @@ def publish(output_dir: Path, docs_dir: Path = REPO / "docs") -> Path:
             f"no experiment JSON in {output_dir} or {results_dir}: run "
             "python -m deploy.experiments IDS first"
         )
+
     doc = docs_dir / "results.md"
     text = doc.read_text() if doc.is_file() else "# Ablation results\n"
     doc.write_text(update_doc(text, blocks))
