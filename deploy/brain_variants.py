@@ -155,16 +155,23 @@ def failure_cases(arms: int) -> list[tuple[int, ...]]:
     return [(), *singles, *pairs]
 
 
-def lost_arm_accuracy(model: OctopusModel, images: np.ndarray, labels) -> dict:
-    """Score the saved model with the arms of each failure case masked in-process.
+@torch.no_grad()
+def lost_arm_accuracy(model: OctopusModel, outputs: ArmOutputs) -> dict:
+    """Score the saved brain with the arms of each failure case masked.
 
-    Returns the accuracy per case ("none", "0", "0+1", ...) and the mean and worst
-    over the single losses and over the pair losses.
+    This is the computation of `OctopusModel.evaluate_subsets` on arm outputs that
+    were already computed. Returns the accuracy per case ("none", "0", "0+1", ...)
+    and the mean and worst over the single losses and over the pair losses.
     """
+    brain = model.brain.eval()
+    logits = outputs.logits_for(model.config)
     cases = failure_cases(model.config.arms)
-    everyone = range(model.config.arms)
-    subsets = [[a for a in everyone if a not in dead] for dead in cases]
-    scores = model.evaluate_subsets(images, labels, subsets)
+    scores = []
+    for dead in cases:
+        live = torch.ones(outputs.features.shape[:2], dtype=torch.bool)
+        live[:, list(dead)] = False
+        brain_logits, _ = brain(outputs.features, logits, live)
+        scores.append(float((brain_logits.argmax(1) == outputs.labels).float().mean()))
     by_case = {
         ("+".join(map(str, dead)) or "none"): score
         for dead, score in zip(cases, scores, strict=True)

@@ -343,3 +343,32 @@ def test_brain_options_leave_arms_alone():
         # brain_mode is read by the arms only to pick which logits they stream.
         if option != "brain_mode":
             assert f"config.{option}" not in arm_source, option
+
+
+def test_lost_arm_accuracy_matches_evaluate_subsets():
+    """The masked scores from cached outputs equal the API's evaluate_subsets."""
+    from arms.model import build_arm
+    from brain.model import build_brain
+    from common.datasets import DATASET_INFO
+    from deploy.api import OctopusModel
+
+    torch.manual_seed(0)
+    config = RunConfig(width=4, bottleneck=8, seed=0)
+    info = DATASET_INFO["cifar10"]
+    arms = [build_arm(config, arm_id, info).eval() for arm_id in range(config.arms)]
+    model = OctopusModel(config, arms, build_brain(config, info.num_classes))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 32, 32, 3), generator=generator)
+    images = images.to(torch.uint8).numpy()
+    labels = torch.randint(0, 10, (40,), generator=generator).numpy()
+
+    lost = brain_variants.lost_arm_accuracy(
+        model, brain_variants.arm_outputs(model, images, labels)
+    )
+    cases = failure_cases(config.arms)
+    subsets = [[a for a in range(config.arms) if a not in dead] for dead in cases]
+    expected = model.evaluate_subsets(images, labels, subsets)
+    assert list(lost["cases"].values()) == pytest.approx(expected)
+    assert lost["all"] == pytest.approx(expected[0])
+    assert lost["single_worst"] == pytest.approx(min(expected[1:5]))
+    assert lost["pair_worst"] == pytest.approx(min(expected[5:]))
