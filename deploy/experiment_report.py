@@ -108,6 +108,19 @@ def _percent(summary: dict) -> str:
 
 def budget_line(record: dict) -> str:
     budget, hw = record["budget"], record["hardware"]
+    # Reused runs may come from an earlier revision than the one that wrote the record.
+    run_revisions = sorted(
+        {
+            run["git_revision"][:12]
+            for variant in record["variants"]
+            for run in variant["runs"]
+            if run.get("git_revision")
+        }
+        - {record["git_revision"][:12]}
+    )
+    trained_at = (
+        f" (runs trained at `{'`, `'.join(run_revisions)}`)" if run_revisions else ""
+    )
     gpu = hw["gpu"] or "no GPU"
     return (
         f"Budget: {budget['epochs']} epoch{'s' if budget['epochs'] > 1 else ''}, {budget['train_size']:,} training, "
@@ -115,7 +128,7 @@ def budget_line(record: dict) -> str:
         f"of {record.get('dataset', 'cifar10')}, width {budget['width']}; seeds "
         f"{', '.join(map(str, record['seeds']))}. Machine: {hw['cpu_model']}, "
         f"{hw['cores']} cores, {gpu}, torch {hw['torch']}. Revision "
-        f"`{record['git_revision'][:12]}`."
+        f"`{record['git_revision'][:12]}`{trained_at}."
     )
 
 

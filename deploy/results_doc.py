@@ -2,10 +2,11 @@
 
 python -m deploy.experiments --docs --output-dir runs/experiments
 
-Copies each finished experiment's JSON and Markdown to docs/results/ and its plot to
-docs/figures/, then rewrites, for every JSON in docs/results/, the generated block of
-that experiment's section in docs/results.md. Text outside the blocks (the intro and
-each section's reading) is kept as written.
+Copies each finished experiment's JSON to docs/results/ and its plot to
+docs/figures/, and renders its Markdown table beside the JSON. Then, for every JSON
+in docs/results/, it rewrites the generated block of that experiment's section in
+docs/results.md. Text outside the blocks (the intro and each section's reading) is
+kept as written.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import re
 import shutil
 from pathlib import Path
 
-from deploy.experiment_report import budget_line, check_record, render_table
+from deploy.experiment_report import (
+    budget_line,
+    check_record,
+    render_markdown,
+    render_table,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CLOSING_SECTION = "## Accuracy against training time"
@@ -80,10 +86,7 @@ def publish(output_dir: Path, docs_dir: Path = REPO / "docs") -> Path:
     if output_dir.is_dir():
         for source in sorted(output_dir.glob("*.json")):
             stem = source.stem
-            for ext in ("json", "md"):
-                shutil.copyfile(
-                    output_dir / f"{stem}.{ext}", results_dir / f"{stem}.{ext}"
-                )
+            shutil.copyfile(source, results_dir / f"{stem}.json")
             shutil.copyfile(
                 output_dir / f"{stem}.png", figures_dir / f"experiment-{stem}.png"
             )
@@ -92,6 +95,7 @@ def publish(output_dir: Path, docs_dir: Path = REPO / "docs") -> Path:
     for path in sorted(results_dir.glob("*.json")):
         record = json.loads(path.read_text())
         check_record(record, str(path))
+        path.with_suffix(".md").write_text(render_markdown(record))
         figure = f"figures/experiment-{record['experiment']}.png"
         blocks[record["experiment"]] = (record["title"], render_block(record, figure))
     if not blocks:
