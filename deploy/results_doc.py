@@ -55,7 +55,8 @@ def update_doc(text: str, blocks: dict[str, tuple[str, str]]) -> str:
     """Replace each experiment's generated block in `text`, adding missing sections.
 
     `blocks` maps an experiment id to (section title, block). A new section goes
-    before the closing section (or at the end), with a placeholder for its reading.
+    before the first experiment section with a later id, else before the closing
+    section (or at the end), with a placeholder for its reading.
     """
     for experiment, (title, block) in sorted(
         blocks.items(), key=lambda item: _experiment_order(item[0])
@@ -69,7 +70,15 @@ def update_doc(text: str, blocks: dict[str, tuple[str, str]]) -> str:
         section = (
             f"## {experiment}: {title}\n\n{block}\n\nReading: not written yet.\n\n"
         )
-        if CLOSING_SECTION in text:
+        later = [
+            heading
+            for heading in re.finditer(r"^## (A\d\S*): ", text, re.MULTILINE)
+            if _experiment_order(heading.group(1)) > _experiment_order(experiment)
+        ]
+        if later:
+            at = later[0].start()
+            text = text[:at] + section + text[at:]
+        elif CLOSING_SECTION in text:
             text = text.replace(CLOSING_SECTION, section + CLOSING_SECTION, 1)
         else:
             text = text.rstrip("\n") + "\n\n" + section

@@ -372,3 +372,13 @@ def test_lost_arm_accuracy_matches_evaluate_subsets():
     assert lost["all"] == pytest.approx(expected[0])
     assert lost["single_worst"] == pytest.approx(min(expected[1:5]))
     assert lost["pair_worst"] == pytest.approx(min(expected[5:]))
+
+
+def test_doc_new_section_keeps_id_order():
+    record = tiny_record()
+    a8 = results_doc.render_block(record, "figures/experiment-A8.png")
+    text = results_doc.update_doc("# Results\n", {"A8": ("nerve ring", a8)})
+    record["experiment"] = "A2"
+    a2 = results_doc.render_block(record, "figures/experiment-A2.png")
+    updated = results_doc.update_doc(text, {"A2": ("bottleneck", a2)})
+    assert updated.index("## A2: bottleneck") < updated.index("## A8: nerve ring")
