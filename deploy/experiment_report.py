@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -179,7 +180,7 @@ def plot(record: dict, path: Path) -> None:
     ]
     positions = np.arange(len(variants))
     width = 0.38
-    fig, axis = plt.subplots(figsize=(max(6.0, 1.3 * len(variants) + 2), 4.2))
+    fig, axis = plt.subplots(figsize=(max(7.0, 1.3 * len(variants) + 3), 4.2))
     for offset, (split, name) in zip((-width / 2, width / 2), SPLITS, strict=True):
         summaries = [summarize_variant(v["runs"])[split] for v in variants]
         axis.bar(
@@ -195,8 +196,9 @@ def plot(record: dict, path: Path) -> None:
     axis.set_ylabel("accuracy (%)")
     seeds = len(record["seeds"])
     seed_word = "seed" if seeds == 1 else "seeds"
-    axis.set_title(f"{record['experiment']}: {record['title']} ({seeds} {seed_word})")
-    axis.legend(loc="lower right")
+    title = f"{record['experiment']}: {record['title']} ({seeds} {seed_word})"
+    axis.set_title(textwrap.fill(title, 60), fontsize=10)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

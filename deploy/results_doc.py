@@ -2,8 +2,8 @@
 
 python -m deploy.experiments --docs --output-dir runs/experiments
 
-Copies each finished experiment's JSON to docs/results/ and its plot to
-docs/figures/, and renders its Markdown table beside the JSON. Then, for every JSON
+Copies each finished experiment's JSON to docs/results/, renders its Markdown table
+beside it and draws its plot into docs/figures/. Then, for every JSON
 in docs/results/, it rewrites the generated block of that experiment's section in
 docs/results.md. Text outside the blocks (the intro and each section's reading) is
 kept as written.
@@ -19,6 +19,7 @@ from pathlib import Path
 from deploy.experiment_report import (
     budget_line,
     check_record,
+    plot,
     render_markdown,
     render_table,
 )
@@ -96,15 +97,13 @@ def publish(output_dir: Path, docs_dir: Path = REPO / "docs") -> Path:
         for source in sorted(output_dir.glob("*.json")):
             stem = source.stem
             shutil.copyfile(source, results_dir / f"{stem}.json")
-            shutil.copyfile(
-                output_dir / f"{stem}.png", figures_dir / f"experiment-{stem}.png"
-            )
 
     blocks = {}
     for path in sorted(results_dir.glob("*.json")):
         record = json.loads(path.read_text())
         check_record(record, str(path))
         path.with_suffix(".md").write_text(render_markdown(record))
+        plot(record, figures_dir / f"experiment-{record['experiment']}.png")
         figure = f"figures/experiment-{record['experiment']}.png"
         blocks[record["experiment"]] = (record["title"], render_block(record, figure))
     if not blocks:
