@@ -26,6 +26,7 @@ from deploy.experiment_report import (
 
 REPO = Path(__file__).resolve().parent.parent
 CLOSING_SECTION = "## Accuracy against training time"
+EXPERIMENT_FILE = re.compile(r"A\d+[A-Za-z0-9-]*\.json")
 
 
 def block_markers(experiment: str) -> tuple[str, str]:
@@ -86,6 +87,17 @@ def update_doc(text: str, blocks: dict[str, tuple[str, str]]) -> str:
     return text
 
 
+def experiment_files(directory: Path) -> list[Path]:
+    """List the experiment JSON files of `directory`, skipping other benchmarks' JSON."""
+    if not directory.is_dir():
+        return []
+    return [
+        path
+        for path in sorted(directory.glob("*.json"))
+        if EXPERIMENT_FILE.fullmatch(path.name)
+    ]
+
+
 def publish(output_dir: Path, docs_dir: Path = REPO / "docs") -> Path:
     """Copy the finished experiments into `docs_dir` and rebuild results.md."""
     results_dir = docs_dir / "results"
@@ -93,13 +105,11 @@ def publish(output_dir: Path, docs_dir: Path = REPO / "docs") -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
 
-    if output_dir.is_dir():
-        for source in sorted(output_dir.glob("*.json")):
-            stem = source.stem
-            shutil.copyfile(source, results_dir / f"{stem}.json")
+    for source in experiment_files(output_dir):
+        shutil.copyfile(source, results_dir / source.name)
 
     blocks = {}
-    for path in sorted(results_dir.glob("*.json")):
+    for path in experiment_files(results_dir):
         record = json.loads(path.read_text())
         check_record(record, str(path))
         path.with_suffix(".md").write_text(render_markdown(record))

@@ -382,3 +382,14 @@ def test_doc_new_section_keeps_id_order():
     a2 = results_doc.render_block(record, "figures/experiment-A2.png")
     updated = results_doc.update_doc(text, {"A2": ("bottleneck", a2)})
     assert updated.index("## A2: bottleneck") < updated.index("## A8: nerve ring")
+
+
+def test_publish_skips_other_benchmarks_json(tmp_path):
+    output = tmp_path / "out"
+    write_experiment(tiny_record(), output)
+    docs = tmp_path / "docs"
+    (docs / "results").mkdir(parents=True)
+    (docs / "results" / "accuracy-residual-w60.json").write_text('{"runs": []}')
+    doc = results_doc.publish(output, docs)
+    assert "## A8: nerve ring" in doc.read_text()
+    assert "accuracy-residual" not in doc.read_text()
