@@ -104,6 +104,8 @@ def check_record(record: dict, source: str) -> None:
 
 
 def _percent(summary: dict) -> str:
+    if summary["n"] == 1:
+        return f"{summary['mean'] * 100:.1f}"  # one seed has no spread
     return f"{summary['mean'] * 100:.1f} ± {summary['std'] * 100:.1f}"
 
 

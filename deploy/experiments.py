@@ -160,6 +160,10 @@ EXPERIMENTS = {
 IDENTITY_EXCLUDED = {"run_name", "output_dir", "data_dir", "git_revision"}
 
 
+class MissingRunError(LookupError):
+    """With --reuse-only, a variant and seed have no finished run to reuse."""
+
+
 class ExperimentError(ValueError):
     """An experiment cannot run as asked: unknown id, bad option or missing feature."""
 
@@ -218,8 +222,16 @@ def run_identity(config: RunConfig) -> str:
 class Runner:
     """Trains (or reuses) the runs of every variant and seed, logging progress."""
 
-    def __init__(self, base: RunConfig, seeds: list[int], runs_dir: Path, planned: int):
+    def __init__(
+        self,
+        base: RunConfig,
+        seeds: list[int],
+        runs_dir: Path,
+        planned: int,
+        reuse_only: bool = False,
+    ):
         self.base = base
+        self.reuse_only = reuse_only
         self.seeds = seeds
         self.runs_dir = runs_dir
         self.planned = planned
@@ -240,6 +252,10 @@ class Runner:
                 log.info("%s seed %d: reusing %s", label, config.seed, run_dir)
                 self.reused.add(name)
             return results | {"run_dir": str(run_dir), "reused": True}
+        if self.reuse_only:
+            raise MissingRunError(
+                f"{label} seed {config.seed}: no finished run {run_dir}"
+            )
         if run_dir.exists():
             log.warning("removing the unfinished run %s to train it again", run_dir)
             shutil.rmtree(run_dir)
@@ -412,9 +428,22 @@ def budget(base: RunConfig) -> dict:
 
 
 def run_experiment(experiment: Experiment, runner: Runner, context: dict) -> dict:
-    variants = []
+    variants, notes = [], list(experiment.notes)
     for variant in experiment.variants:
-        runs = [runner.run_variant(variant, seed) for seed in runner.seeds]
+        runs, missing = [], []
+        for seed in runner.seeds:
+            try:
+                runs.append(runner.run_variant(variant, seed))
+            except MissingRunError as err:
+                log.warning("left out: %s", err)
+                missing.append(seed)
+        if missing:
+            notes.append(
+                f"{variant.label}: seeds {', '.join(map(str, missing))} have no "
+                "finished run (left out with --reuse-only)."
+            )
+        if not runs:
+            continue
         variants.append(
             {
                 "label": variant.label,
@@ -428,7 +457,7 @@ def run_experiment(experiment: Experiment, runner: Runner, context: dict) -> dic
         "experiment": experiment.id,
         "title": experiment.title,
         **context,
-        "notes": list(experiment.notes),
+        "notes": notes,
         "variants": variants,
     }
 
@@ -465,6 +494,12 @@ def parse_args(argv: list[str] | None):
     )
     parser.add_argument(
         "--width", type=positive_int, default=24, help="channels of the first block"
+    )
+    parser.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="train nothing: tabulate the runs already finished under --output-dir "
+        "and name the variants and seeds that have none",
     )
     parser.add_argument(
         "--docs",
@@ -538,7 +573,7 @@ def run_all(experiments: list[Experiment], base: RunConfig, args, argv) -> None:
         seeds,
         planned,
     )
-    runner = Runner(base, seeds, runs_dir, planned)
+    runner = Runner(base, seeds, runs_dir, planned, args.reuse_only)
     words = sys.argv[1:] if argv is None else argv
     context = {
         "command": "python -m deploy.experiments " + shlex.join(words),
@@ -553,6 +588,9 @@ def run_all(experiments: list[Experiment], base: RunConfig, args, argv) -> None:
         started = time.perf_counter()
         record = run_experiment(experiment, runner, context)
         record["seconds"] = time.perf_counter() - started
+        if not record["variants"]:
+            log.warning("%s has no finished runs: nothing written", experiment.id)
+            continue
         paths = write_experiment(record, args.output_dir)
         log.info("%s written: %s", experiment.id, ", ".join(map(str, paths)))
 

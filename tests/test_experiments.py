@@ -393,3 +393,20 @@ def test_publish_skips_other_benchmarks_json(tmp_path):
     doc = results_doc.publish(output, docs)
     assert "## A8: nerve ring" in doc.read_text()
     assert "accuracy-residual" not in doc.read_text()
+
+
+def test_one_seed_row_shows_no_spread():
+    record = tiny_record()
+    record["variants"][1]["runs"] = record["variants"][1]["runs"][:1]
+    assert "| off | 40.0 | 39.0 | 1 |" in render_table(record)
+
+
+def test_reuse_only_leaves_out_missing_runs(tmp_path):
+    base = RunConfig(train_limit=100)
+    runner = experiments.Runner(base, [0, 1], tmp_path, planned=0, reuse_only=True)
+    experiment = experiments.EXPERIMENTS["A1"]
+    with pytest.raises(experiments.MissingRunError, match="2 arms seed 0"):
+        runner.run_variant(experiment.variants[0], 0)
+    record = experiments.run_experiment(experiment, runner, {})
+    assert record["variants"] == []
+    assert any("2 arms: seeds 0, 1 have no finished run" in n for n in record["notes"])
