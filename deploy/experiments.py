@@ -58,9 +58,9 @@ class Experiment:
 
 
 BRAIN_NOTE = (
-    "The arms of each seed's default run are shared by these variants: a fresh brain "
-    "per variant trains in-process on their outputs (module dropout, the run's brain "
-    "passes), its pass is chosen on validation and the test split is scored once."
+    "These variants share the arms of each seed's default run. A fresh brain per "
+    "variant trains in-process on their outputs with module dropout and the run's "
+    "brain passes. Its pass is chosen on validation, and the test split is scored once."
 )
 EXPERIMENTS = {
     e.id: e
