@@ -17,6 +17,7 @@ from common.config import (
     ARM_TYPES,
     BRAIN_MODES,
     COMPETITIONS,
+    COMPRESSIONS,
     DATASETS,
     DEVICES,
     PRECISIONS,
@@ -30,20 +31,32 @@ log = logging.getLogger("launch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser(
+    description: str = "Train OctopusNet: arms as Ray actors with local "
+    "Forward-Forward training, a brain that gathers their outputs over ZeroMQ.",
+    saved_runs: bool = True,
+) -> argparse.ArgumentParser:
+    """Build the parser of every run option; scripts that train a config reuse it.
+
+    `saved_runs` adds --eval and --report, which act on a saved run instead.
+    """
     defaults = RunConfig()
     parser = argparse.ArgumentParser(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train OctopusNet: arms as Ray actors with local Forward-Forward "
-        "training, a brain that gathers their outputs over ZeroMQ.",
+        description=description,
     )
-    parser.add_argument(
-        "--eval", metavar="RUN_DIR", help="evaluate a saved run instead of training"
-    )
-    parser.add_argument(
-        "--report",
-        metavar="RUN_DIR",
-        help="write figures and report.md for a finished run instead of training",
-    )
+    if saved_runs:
+        parser.add_argument(
+            "--eval", metavar="RUN_DIR", help="evaluate a saved run instead of training"
+        )
+        parser.add_argument(
+            "--report",
+            metavar="RUN_DIR",
+            help="write figures and report.md for a finished run instead of training",
+        )
     parser.add_argument(
         "--quiet",
         action="store_true",
@@ -92,7 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--arm-type",
         default=defaults.arm_type,
         choices=ARM_TYPES,
-        help="grouped: class-grouped channels; overlay: Fourier label overlay FF",
+        help="grouped: class-grouped conv channels; overlay: Fourier label overlay "
+        "FF; residual: deeper class-grouped arm with parameter-free residual layers; "
+        "transformer, lstm: class-grouped token channels or hidden units; "
+        "heterogeneous: arm i is grouped, grouped, transformer, lstm by i %% 4",
     )
     arms.add_argument(
         "--no-multiscale",
@@ -116,6 +132,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=defaults.depth,
         help="blocks per arm (0: by resolution, 4 at 32 px)",
+    )
+    arms.add_argument(
+        "--compress",
+        default=defaults.compress,
+        choices=COMPRESSIONS,
+        help="halving between blocks: 2x2 max-pool, or a learned grouped stride-2 conv",
+    )
+    arms.add_argument(
+        "--residual-blocks",
+        type=int,
+        default=defaults.residual_blocks,
+        help="residual arms: same-width residual layers after each halving block",
+    )
+    arms.add_argument(
+        "--goodness-layers",
+        type=int,
+        default=defaults.goodness_layers,
+        help="grouped and residual arms predict from the goodness of this many last "
+        "layers",
     )
     arms.add_argument(
         "--bottleneck",
@@ -193,6 +228,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=defaults.arm_dropout,
         help="module dropout: share of training samples with 1 to N-1 arms masked",
+    )
+    brain.add_argument(
+        "--feedback",
+        action="store_true",
+        help="two passes per image: the brain's class probabilities scale each arm's "
+        "last output for the same image, and a second brain answers from the result",
     )
 
     run = parser.add_argument_group("run")
@@ -275,7 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument(
         "--run-name", default="", help="run directory name (default: time stamp)"
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -295,6 +336,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         arm_scales=args.arm_scales,
         width=args.width,
         depth=args.depth,
+        compress=args.compress,
+        residual_blocks=args.residual_blocks,
+        goodness_layers=args.goodness_layers,
         bottleneck=args.bottleneck,
         lr=args.lr,
         threshold=args.threshold,
@@ -308,6 +352,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         brain_lr=args.brain_lr,
         brain_passes=args.brain_passes,
         arm_dropout=args.arm_dropout,
+        feedback=args.feedback,
         actor_restarts=args.actor_restarts,
         epochs=args.epochs,
         batch_size=args.batch_size,

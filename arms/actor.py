@@ -19,6 +19,7 @@ import torch
 import zmq
 
 from arms.augment import random_crop_flip, resize, to_tensor
+from arms.feedback import feedback_rows
 from arms.model import build_arm
 from arms.serving import ArmServer
 from common import wire
@@ -123,10 +124,11 @@ class ArmActor:
         elif restarted:
             self._resume()
         log.info(
-            "arm %d ready: %d px, %s blocks, %d parameters, %s, %d threads, pid %d",
+            "arm %d ready: %s, %d px, %d blocks, %d parameters, %s, %d threads, pid %d",
             arm_id,
+            type(self.model).__name__,
             self.model.resolution,
-            [b.conv.out_channels for b in self.model.blocks],
+            len(self.model.blocks),
             sum(p.numel() for p in self.model.parameters()),
             self.device,
             threads,
@@ -283,16 +285,71 @@ class ArmActor:
         )
         return result
 
-    def stream(self, split: str, stream_id: str) -> int:
+    def train_feedback(self, epoch: int, feedback: dict) -> dict[str, float]:
+        """Train the feedback gain for one pass over the training images.
+
+        `feedback` contains the brain's class probabilities (`probs`, (N, C)) for the
+        dataset `indices` of the training images. The images are not augmented,
+        because the probabilities are the brain's for the plain images.
+        """
+        self.epoch = epoch
+        order = epoch_order(
+            self.data["train_idx"], self.config.seed + self.arm_id, 20_000 + epoch
+        )
+        batch_size = self.config.batch_size
+        steps = len(order) // batch_size
+        totals: dict[str, float] = {}
+        start = time.perf_counter()
+        for step in range(steps):
+            batch = np.sort(order[step * batch_size : (step + 1) * batch_size])
+            images = self._images("train", batch, augment=False)
+            labels = torch.from_numpy(self.data["y_train"][batch]).to(self.device)
+            probs = self._probs(feedback, batch)
+            metrics = self.model.train_feedback_step(
+                images, labels, probs, self.autocast
+            )
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value
+            self._progress = {
+                "epoch": epoch,
+                "phase": "feedback",
+                "step": step + 1,
+                "total": steps,
+                "metrics": {"head_loss": metrics["feedback_head_loss"]},
+            }
+        seconds = time.perf_counter() - start
+        result = {name: value / max(1, steps) for name, value in totals.items()}
+        result.update(arm_id=self.arm_id, feedback_seconds=seconds)
+        # A restart from here on resumes with the trained gain.
+        self.save("last")
+        log.info(
+            "arm %d epoch %d feedback done: readout loss %.3f, head loss %.3f, "
+            "head accuracy %.3f, %.1f s",
+            self.arm_id,
+            epoch,
+            result.get("feedback_readout_loss", float("nan")),
+            result.get("feedback_head_loss", float("nan")),
+            result.get("feedback_accuracy", float("nan")),
+            seconds,
+        )
+        return result
+
+    def _probs(self, feedback: dict, batch: np.ndarray) -> torch.Tensor:
+        rows = feedback_rows(feedback["indices"], feedback["probs"], batch)
+        return torch.from_numpy(np.ascontiguousarray(rows)).to(self.device)
+
+    def stream(self, split: str, stream_id: str, feedback: dict | None = None) -> int:
         """Push outputs for every batch of `split` to the brain; return the batch count.
 
-        One stream at a time: a retried stream waits until an abandoned one has
-        been sent (the brain reads and drops it), as both use the one PUSH socket.
+        With `feedback` (the brain's `probs` for the dataset `indices` of `split`),
+        the outputs are those of pass 2. One stream at a time: a retried stream
+        waits until an abandoned one has been sent (the brain reads and drops it),
+        as both use the one PUSH socket.
         """
         with self.stream_lock:
-            return self._stream(split, stream_id)
+            return self._stream(split, stream_id, feedback)
 
-    def _stream(self, split: str, stream_id: str) -> int:
+    def _stream(self, split: str, stream_id: str, feedback: dict | None) -> int:
         if split == "train":
             indices = epoch_order(
                 self.data["train_idx"], self.config.seed, 10_000 + self.epoch
@@ -314,11 +371,16 @@ class ArmActor:
                 "total": total,
             }
             batch = indices[start : start + batch_size]
-            features, logits = self.model.infer(
-                self._images(split, batch, False),
-                self.autocast,
-                head_logits=self.config.brain_mode != "attention",
-            )
+            images = self._images(split, batch, False)
+            head_logits = self.config.brain_mode != "attention"
+            if feedback is None:
+                features, logits = self.model.infer(
+                    images, self.autocast, head_logits=head_logits
+                )
+            else:
+                features, logits = self.model.infer_feedback(
+                    images, self._probs(feedback, batch), self.autocast, head_logits
+                )
             frame = wire.encode(
                 wire.ARM_OUTPUT,
                 token=self.token,
@@ -362,6 +424,8 @@ class ArmActor:
             "optimizer": self.model.optimizer.state_dict(),
             "scheduler": self.model.scheduler.state_dict(),
         }
+        if self.model.feedback_optimizer is not None:
+            state["feedback_optimizer"] = self.model.feedback_optimizer.state_dict()
         save_checkpoint(
             path,
             {
@@ -382,6 +446,10 @@ class ArmActor:
         load_state(self.model, payload["state"]["model"], str(path))
         self.model.optimizer.load_state_dict(payload["state"]["optimizer"])
         self.model.scheduler.load_state_dict(payload["state"]["scheduler"])
+        if self.model.feedback_optimizer is not None:
+            self.model.feedback_optimizer.load_state_dict(
+                payload["state"]["feedback_optimizer"]
+            )
         self.epoch = int(payload["epoch"])
         log.info("arm %d loaded %s (epoch %d)", self.arm_id, path, self.epoch)
         return self.epoch

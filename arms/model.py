@@ -24,7 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arms.feedback import FeedbackGain
 from arms.goodness import class_goodness, ff_loss, goodness, grouped_loss, separation
+from arms.optim import LayerOptimizers, LayerSchedulers
 from common.overlay import apply_overlay, class_patterns, neutral_overlay, wrong_labels
 
 
@@ -42,18 +44,52 @@ def block_widths(width: int, depth: int, num_classes: int = 1) -> list[int]:
 
 
 class ConvBlock(nn.Module):
-    """3x3 conv, optional BatchNorm, ReLU, 2x2 max-pool (skipped below 2 px)."""
+    """3x3 conv, optional BatchNorm, ReLU, then halving of the side length.
 
-    def __init__(self, in_channels: int, out_channels: int, batch_norm: bool):
+    `compress` "pool" halves it with a 2x2 max-pool; "stride" with a learned 3x3
+    stride-2 conv, BatchNorm and ReLU, grouped so that each of `groups` channel groups
+    (one per class in grouped arms) is compressed on its own. Nothing halves below 2 px.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        batch_norm: bool,
+        compress: str = "pool",
+        groups: int = 1,
+    ):
         super().__init__()
         self.conv = nn.Conv2d(
             in_channels, out_channels, 3, padding=1, bias=not batch_norm
         )
         self.norm = nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity()
+        self.compress = None
+        if compress == "stride":
+            self.compress = nn.Sequential(
+                nn.Conv2d(
+                    out_channels,
+                    out_channels,
+                    3,
+                    stride=2,
+                    padding=1,
+                    groups=groups,
+                    bias=not batch_norm,
+                ),
+                nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity(),
+                nn.ReLU(),
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.norm(self.conv(x)))
-        return F.max_pool2d(h, 2) if h.shape[-1] >= 2 else h
+        if h.shape[-1] < 2:
+            return h
+        return self.compress(h) if self.compress is not None else F.max_pool2d(h, 2)
+
+
+def opt_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Return every parameter an optimizer updates."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 class LocalArm(nn.Module):
@@ -69,6 +105,9 @@ class LocalArm(nn.Module):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         batch_norm: bool,
+        compress: str = "pool",
+        groups: int = 1,
+        feedback: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -78,33 +117,62 @@ class LocalArm(nn.Module):
 
         channels = [in_channels, *widths]
         self.blocks = nn.ModuleList(
-            ConvBlock(c_in, c_out, batch_norm)
+            ConvBlock(c_in, c_out, batch_norm, compress, groups)
             for c_in, c_out in zip(channels[:-1], channels[1:], strict=True)
         )
         self.projection = nn.Linear(widths[-1] * 4, bottleneck)
         self.head = nn.Linear(bottleneck, num_classes)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.optimizer: LayerOptimizers | None = None
+        self.scheduler: LayerSchedulers | None = None
+        # Built last and without random numbers, so the other weights match a run
+        # without feedback.
+        self.feedback = FeedbackGain(num_classes, widths[-1]) if feedback else None
+        self.feedback_optimizer: torch.optim.Optimizer | None = None
 
     def configure_optimizer(
         self, lr: float, weight_decay: float, total_steps: int
     ) -> None:
-        """AdamW with a cosine schedule over `total_steps` steps.
+        """One AdamW with a cosine schedule over `total_steps` steps per layer.
 
-        AdamW's state is per parameter, so one optimizer over all blocks updates each
-        block exactly as a separate optimizer per block would.
+        Each block has its own optimizer, and so does the readout (bottleneck projection
+        and local classifier), so no optimizer state is shared between layers. The
+        feedback gain has its own AdamW at a constant `lr`, used only by
+        `train_feedback_step`.
         """
-        self.optimizer = torch.optim.AdamW(
-            self.parameters(), lr=lr, weight_decay=weight_decay
+        readout = nn.ModuleList([self.projection, self.head])
+        self.optimizer = LayerOptimizers(
+            [*self.blocks, readout], lr, weight_decay, total_steps
         )
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=max(1, total_steps)
-        )
+        self.scheduler = LayerSchedulers(self.optimizer)
+        covered = {id(p) for opt in self.optimizer.optimizers for p in opt_params(opt)}
+        missed = [
+            name
+            for name, p in self.named_parameters()
+            if id(p) not in covered and not name.startswith("feedback.")
+        ]
+        if missed:
+            raise ValueError(f"parameters outside every layer's optimizer: {missed}")
+        if self.feedback is not None:
+            self.feedback_optimizer = torch.optim.AdamW(
+                self.feedback.parameters(), lr=lr, weight_decay=weight_decay
+            )
 
-    def features(self, h: torch.Tensor) -> torch.Tensor:
-        """Bottleneck features (B, D) from the last block's output."""
-        pooled = F.adaptive_avg_pool2d(h.detach().float(), 2).flatten(1)
+    def features(self, h: torch.Tensor, detach: bool = True) -> torch.Tensor:
+        """Bottleneck features (B, D) from the last block's output.
+
+        `detach=False` lets the feedback gain before `h` learn from the local
+        classifier's loss.
+        """
+        h = h.detach() if detach else h
+        pooled = F.adaptive_avg_pool2d(h.float(), 2).flatten(1)
         return F.layer_norm(self.projection(pooled), (self.projection.out_features,))
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """Compute the arm's own logits from its last output, as pass 2 needs them.
+
+        Subclasses whose `encode` logits are not the local classifier's override it.
+        """
+        return self.head(self.features(h, detach=False))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
@@ -169,17 +237,104 @@ class LocalArm(nn.Module):
             logits = self.head(features)
         return features, logits.float()
 
+    def _check_feedback(self) -> FeedbackGain:
+        if self.feedback is None:
+            raise RuntimeError(
+                "this arm has no feedback gain: build it from a config with "
+                "feedback=True (--feedback)"
+            )
+        return self.feedback
+
+    @torch.no_grad()
+    def infer_feedback(
+        self,
+        images: torch.Tensor,
+        probs: torch.Tensor,
+        autocast_dtype: torch.dtype | None = None,
+        head_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return pass-2 (features, logits), with the last output scaled by the gain
+        for the brain's probabilities `probs` (B, C) of the same images.
+        """
+        feedback = self._check_feedback()
+        self.eval()
+        device_type = images.device.type
+        with torch.autocast(
+            device_type,
+            dtype=autocast_dtype or torch.float32,
+            enabled=autocast_dtype is not None,
+        ):
+            h_last, _ = self.encode(images)
+        h_feedback = feedback(h_last, probs)
+        features = self.features(h_feedback).float()
+        logits = self.head(features) if head_logits else self.readout(h_feedback)
+        return features, logits.float()
+
+    def train_feedback_step(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        probs: torch.Tensor,
+        autocast_dtype: torch.dtype | None,
+    ) -> dict[str, float]:
+        """Update only the feedback gain with this arm's own loss on pass 2.
+
+        The loss is the cross-entropy of the readout (per-class goodness for grouped
+        arms) plus that of the local classifier, both on the modulated output. The
+        blocks run in eval mode under no_grad, so they and their BatchNorm
+        statistics stay as they were when the pass-1 brain trained on their outputs.
+        `probs` is detached.
+        """
+        feedback = self._check_feedback()
+        assert self.feedback_optimizer is not None, "call configure_optimizer first"
+        self.eval()
+        device_type = images.device.type
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type,
+                dtype=autocast_dtype or torch.float32,
+                enabled=autocast_dtype is not None,
+            ),
+        ):
+            h_last, _ = self.encode(images)
+        h_feedback = feedback(h_last, probs)
+        readout_loss = F.cross_entropy(self.readout(h_feedback).float(), labels)
+        head_logits = self.head(self.features(h_feedback, detach=False))
+        head_loss = F.cross_entropy(head_logits, labels)
+
+        self.feedback_optimizer.zero_grad(set_to_none=True)
+        (readout_loss + head_loss).backward()
+        self.feedback_optimizer.step()
+        # The backward pass also reached the frozen projection and head.
+        for name, parameter in self.named_parameters():
+            if not name.startswith("feedback."):
+                parameter.grad = None
+        correct = (head_logits.argmax(1) == labels).float()
+        return {
+            "feedback_readout_loss": readout_loss.item(),
+            "feedback_head_loss": head_loss.item(),
+            "feedback_accuracy": correct.mean().item(),
+        }
+
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the last block's output and the arm's own logits."""
         raise NotImplementedError
 
 
 class GroupedArm(LocalArm):
-    """Class-grouped channels with a cross-entropy over per-class goodness per block."""
+    """Class-grouped channels with a cross-entropy over per-class goodness per block.
 
-    def __init__(self, *args, goodness_scale: float, **kwargs):
+    The arm predicts from the mean log-softmax of the scaled goodness of its last
+    `goodness_layers` blocks.
+    """
+
+    def __init__(
+        self, *args, goodness_scale: float, goodness_layers: int = 1, **kwargs
+    ):
         super().__init__(*args, batch_norm=True, **kwargs)
         self.goodness_scale = goodness_scale
+        self.goodness_layers = goodness_layers
 
     def block_losses(self, images, labels):
         x = self.normalize(images)
@@ -197,12 +352,28 @@ class GroupedArm(LocalArm):
             {"goodness_pos": g_pos, "goodness_neg": g_neg, "accuracy": accuracy},
         )
 
-    def encode(self, images):
+    def layer_goodness(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the last block's output and every block's scaled goodness (L, B, C)."""
         x = self.normalize(images)
+        scores = []
         for block in self.blocks:
             x = block(x)
-        logits = class_goodness(x.float(), self.num_classes) * self.goodness_scale
-        return x, logits
+            scores.append(class_goodness(x.float(), self.num_classes))
+        return x, torch.stack(scores) * self.goodness_scale
+
+    def encode(self, images):
+        h_last, scores = self.layer_goodness(images)
+        return h_last, combine_layers(scores, self.goodness_layers)
+
+    def readout(self, h):
+        # Pass 2 of a feedback run scores the gained last block only.
+        scores = class_goodness(h.float(), self.num_classes) * self.goodness_scale
+        return F.log_softmax(scores, dim=-1)
+
+
+def combine_layers(scores: torch.Tensor, last: int) -> torch.Tensor:
+    """Mean log-softmax of the last `last` layers' scores (L, B, C) -> (B, C)."""
+    return F.log_softmax(scores[-last:], dim=-1).mean(0)
 
 
 class OverlayArm(LocalArm):
@@ -267,10 +438,14 @@ class OverlayArm(LocalArm):
 
 def build_arm(config, arm_id: int, info) -> LocalArm:
     """Build arm `arm_id` of a run from its config and the dataset's `DatasetInfo`."""
+    kind = config.arm_kind(arm_id)
     resolution = config.arm_resolution(arm_id, info.image_size)
     depth = config.depth or default_depth(resolution)
-    groups = info.num_classes if config.arm_type == "grouped" else 1
+    groups = 1 if kind == "overlay" else info.num_classes
     widths = block_widths(config.width, depth, groups)
+    if kind in ("transformer", "lstm"):
+        # Tokens and hidden states keep one width in every layer: twice `width`.
+        widths = block_widths(2 * config.width, 1, groups) * depth
     common = dict(
         in_channels=info.channels,
         num_classes=info.num_classes,
@@ -279,9 +454,42 @@ def build_arm(config, arm_id: int, info) -> LocalArm:
         bottleneck=config.bottleneck,
         mean=info.mean,
         std=info.std,
+        feedback=config.feedback,
     )
-    if config.arm_type == "grouped":
-        return GroupedArm(goodness_scale=config.goodness_scale, **common)
+    # Conv arms halve between blocks as `compress` says, per channel group.
+    conv = dict(compress=config.compress, groups=groups)
+    # Imported here, because these modules import LocalArm from this one and a
+    # top-level import would be circular.
+    if kind == "residual":
+        from arms.residual import ResidualArm
+
+        return ResidualArm(
+            goodness_scale=config.goodness_scale,
+            goodness_layers=min(
+                config.goodness_layers, depth * (1 + config.residual_blocks)
+            ),
+            residual_blocks=config.residual_blocks,
+            **common,
+            **conv,
+        )
+    if kind == "grouped":
+        return GroupedArm(
+            goodness_scale=config.goodness_scale,
+            goodness_layers=min(config.goodness_layers, depth),
+            **common,
+            **conv,
+        )
+    if kind == "transformer":
+        from arms.transformer import TransformerArm
+
+        return TransformerArm(goodness_scale=config.goodness_scale, **common)
+    if kind == "lstm":
+        from arms.lstm import LSTMArm
+
+        return LSTMArm(goodness_scale=config.goodness_scale, **common)
     return OverlayArm(
-        threshold=config.threshold, label_strength=config.label_strength, **common
+        threshold=config.threshold,
+        label_strength=config.label_strength,
+        **common,
+        **conv,
     )

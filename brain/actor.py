@@ -80,6 +80,21 @@ class BrainActor:
             if parameters
             else None
         )
+        # Feedback runs: a second brain classifies the arms' pass-2 outputs. It
+        # starts as a copy of the first when it first trains, since pass 2 starts
+        # equal to pass 1.
+        self.feedback_model = None
+        self.feedback_optimizer = None
+        self.feedback_started = False
+        if self.config.feedback:
+            # A forked RNG leaves the random numbers of pass 1's training (dropout)
+            # as in a run without feedback; these initial weights are replaced.
+            with torch.random.fork_rng():
+                self.feedback_model = build_brain(self.config, num_classes)
+            if parameters:
+                self.feedback_optimizer = torch.optim.AdamW(
+                    self.feedback_model.parameters(), lr=self.config.brain_lr
+                )
         self.epoch = 0
         self.aborted_streams: set[str] = set()
         self.dropped_messages = 0
@@ -282,32 +297,58 @@ class BrainActor:
         labels = torch.from_numpy(labels_source[batch.indices])
         return features, logits, live, labels
 
-    def _train_batch(self, batch: Batch) -> tuple[float, int]:
+    def _brain(self, feedback_pass: bool):
+        """Return the brain and optimizer of pass 1, or those of pass 2."""
+        if not feedback_pass:
+            return self.model, self.optimizer
+        if self.feedback_model is None:
+            raise RuntimeError(
+                "this brain has no pass-2 brain: pass 2 needs a run with "
+                "feedback=True (--feedback)"
+            )
+        return self.feedback_model, self.feedback_optimizer
+
+    def _train_batch(self, batch: Batch, model, optimizer) -> tuple[float, int]:
         features, logits, live, labels = self._tensors(batch, "train")
         live = arm_dropout_mask(
             len(labels), live.shape[1], self.config.arm_dropout, self.generator
         )
-        self.model.train()
-        brain_logits, _ = self.model(features, logits, live)
+        model.train()
+        brain_logits, _ = model(features, logits, live)
         loss = F.cross_entropy(brain_logits, labels)
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.optimizer.step()
+            optimizer.step()
         correct = (brain_logits.argmax(1) == labels).sum().item()
         return loss.item() * len(labels), correct
 
     def train_stream(
-        self, stream_id: str, arm_ids: list[int], epoch: int, expected: int = 0
+        self,
+        stream_id: str,
+        arm_ids: list[int],
+        epoch: int,
+        expected: int = 0,
+        feedback_pass: bool = False,
     ) -> dict:
-        """Train on one streamed pass of the training set, then `brain_passes - 1` more."""
+        """Train on one streamed pass of the training set, then `brain_passes - 1` more.
+
+        `feedback_pass` trains the pass-2 brain on the arms' pass-2 outputs. In a
+        feedback run, pass 1 also returns the trained brain's class probabilities
+        for the streamed images under `feedback`, for the arms' feedback gains.
+        """
         self.epoch = epoch
+        model, optimizer = self._brain(feedback_pass)
+        if feedback_pass and not self.feedback_started:
+            model.load_state_dict(self.model.state_dict())
+            self.feedback_started = True
+        prefix = "feedback_brain" if feedback_pass else "brain"
         start = time.perf_counter()
         batches: list[Batch] = []
         loss_sum, correct = 0.0, 0
         for batch in self._receive(stream_id, tuple(arm_ids), expected):
             batches.append(batch)
-            batch_loss, batch_correct = self._train_batch(batch)
+            batch_loss, batch_correct = self._train_batch(batch, model, optimizer)
             loss_sum += batch_loss
             correct += batch_correct
         samples = sum(len(b.indices) for b in batches)
@@ -317,43 +358,75 @@ class BrainActor:
             self.rng.shuffle(batches)
             loss_sum, correct = 0.0, 0
             for batch in batches:
-                batch_loss, batch_correct = self._train_batch(batch)
+                batch_loss, batch_correct = self._train_batch(batch, model, optimizer)
                 loss_sum += batch_loss
                 correct += batch_correct
         result = {
-            "brain_loss": loss_sum / samples,
-            "brain_train_accuracy": correct / samples,
-            "brain_samples": samples,
-            "brain_seconds": time.perf_counter() - start,
+            f"{prefix}_loss": loss_sum / samples,
+            f"{prefix}_train_accuracy": correct / samples,
+            f"{prefix}_samples": samples,
+            f"{prefix}_seconds": time.perf_counter() - start,
         }
         log.info(
-            "brain epoch %d: loss %.3f, train accuracy %.3f on %d samples, %.1f s",
+            "%s epoch %d: loss %.3f, train accuracy %.3f on %d samples, %.1f s",
+            "pass-2 brain" if feedback_pass else "brain",
             epoch,
-            result["brain_loss"],
-            result["brain_train_accuracy"],
+            result[f"{prefix}_loss"],
+            result[f"{prefix}_train_accuracy"],
             samples,
-            result["brain_seconds"],
+            result[f"{prefix}_seconds"],
         )
+        if self.config.feedback and not feedback_pass:
+            result["feedback"] = self._probabilities(batches, "train")
         return result
 
     @torch.no_grad()
+    def _probabilities(self, batches: list[Batch], split: str) -> dict:
+        """Pass-1 class probabilities (N, C) of the batches' images, all arms live.
+
+        In eval mode each image's probabilities depend on its own arm outputs only.
+        """
+        self.model.eval()
+        probs = []
+        for batch in batches:
+            features, logits, live, _ = self._tensors(batch, split)
+            brain_logits, _ = self.model(features, logits, live)
+            probs.append(torch.softmax(brain_logits.float(), dim=1))
+        return {
+            "indices": np.concatenate([b.indices for b in batches]).astype(np.int64),
+            "probs": torch.cat(probs).numpy(),
+        }
+
+    @torch.no_grad()
     def evaluate_stream(
-        self, stream_id: str, split: str, arm_ids: list[int], expected: int = 0
+        self,
+        stream_id: str,
+        split: str,
+        arm_ids: list[int],
+        expected: int = 0,
+        feedback_pass: bool = False,
     ) -> dict:
         """Score the brain and each arm's own logits on one streamed split.
 
         Besides accuracies, returns per-class accuracy of every arm (N x C) and the
         coordinator's mean attention per true class (C x N), for the run report.
+        `feedback_pass` scores the pass-2 brain on pass-2 outputs. In a feedback
+        run, pass 1 also returns the brain's class probabilities under `feedback`.
         """
-        self.model.eval()
+        model, _ = self._brain(feedback_pass)
+        model.eval()
+        keep = self.config.feedback and not feedback_pass
+        pass1_batches: list[Batch] = []
         arms, classes = len(arm_ids), self.model.num_classes
         correct = 0
         arm_correct = torch.zeros(arms, classes)
         attention_sum = torch.zeros(classes, arms)
         class_count = torch.zeros(classes)
         for batch in self._receive(stream_id, tuple(arm_ids), expected):
+            if keep:
+                pass1_batches.append(batch)
             features, logits, live, labels = self._tensors(batch, split)
-            brain_logits, attention = self.model(features, logits, live)
+            brain_logits, attention = model(features, logits, live)
             correct += (brain_logits.argmax(1) == labels).sum().item()
             hits = (logits.argmax(2) == labels[:, None]).float()  # (B, N)
             arm_correct.index_add_(1, labels, hits.T)
@@ -363,7 +436,7 @@ class BrainActor:
         if not samples:
             raise RuntimeError(f"stream {stream_id} delivered no batches to the brain")
         per_class = class_count.clamp_min(1)
-        return {
+        result = {
             "accuracy": correct / samples,
             "arm_accuracy": (arm_correct.sum(1) / samples).tolist(),
             "arm_class_accuracy": (arm_correct / per_class).tolist(),
@@ -371,6 +444,9 @@ class BrainActor:
             "class_attention": (attention_sum / per_class[:, None]).tolist(),
             "samples": samples,
         }
+        if keep:
+            result["feedback"] = self._probabilities(pass1_batches, split)
+        return result
 
     def checkpoint_path(self, tag: str) -> Path:
         return self.run_dir / "checkpoints" / f"brain-{tag}.pt"
@@ -381,6 +457,11 @@ class BrainActor:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else {},
         }
+        if self.feedback_model is not None:
+            state["feedback_model"] = self.feedback_model.state_dict()
+            state["feedback_optimizer"] = (
+                self.feedback_optimizer.state_dict() if self.feedback_optimizer else {}
+            )
         save_checkpoint(
             path,
             {
@@ -400,6 +481,15 @@ class BrainActor:
         load_state(self.model, payload["state"]["model"], str(path))
         if self.optimizer is not None:
             self.optimizer.load_state_dict(payload["state"]["optimizer"])
+        if self.feedback_model is not None:
+            load_state(
+                self.feedback_model, payload["state"]["feedback_model"], str(path)
+            )
+            if self.feedback_optimizer is not None:
+                self.feedback_optimizer.load_state_dict(
+                    payload["state"]["feedback_optimizer"]
+                )
+            self.feedback_started = True
         self.epoch = int(payload["epoch"])
         log.info("brain loaded %s (epoch %d)", path, self.epoch)
         return self.epoch

@@ -11,7 +11,10 @@ import math
 from dataclasses import dataclass, field
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
-ARM_TYPES = ("grouped", "overlay")
+ARM_TYPES = ("grouped", "overlay", "residual", "transformer", "lstm", "heterogeneous")
+COMPRESSIONS = ("pool", "stride")
+# The original's heterogeneous set: arm i of a heterogeneous run is entry i % 4.
+HETEROGENEOUS_KINDS = ("grouped", "grouped", "transformer", "lstm")
 COMPETITIONS = ("soft", "topk", "gumbel")
 # attention: nerve ring + coordinator + MLP over the arms' features and logits.
 # logit: learned softmax weights over the arms' local-classifier logits (fully local
@@ -80,6 +83,11 @@ class RunConfig:
     width: int = 48  # channels of the first block; later blocks double it
     depth: int = 0  # blocks per arm; 0 picks by resolution (4 at 32 px, fewer below)
     bottleneck: int = 64
+    # Halving between blocks: "pool" (2x2 max-pool) or "stride" (a learned grouped
+    # stride-2 conv, trained by the block's own loss).
+    compress: str = "pool"
+    residual_blocks: int = 1  # residual arms: same-width layers after each halving
+    goodness_layers: int = 1  # grouped/residual arms predict from this many last layers
     lr: float = 2e-3
     weight_decay: float = 5e-4
     goodness_scale: float = 15.0
@@ -100,6 +108,9 @@ class RunConfig:
     # Module dropout: the share of training samples the brain sees with a random
     # 1 to N-1 of the arms masked, so it learns to answer from any subset of arms.
     arm_dropout: float = 0.5
+    # Two passes per image: the brain's class probabilities for an image scale the
+    # arms' last outputs for that same image, and a second brain classifies them.
+    feedback: bool = False
 
     # Run.
     epochs: int = 1
@@ -130,6 +141,7 @@ class RunConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("arm type", self.arm_type, ARM_TYPES)
         _check_choice("competition", self.competition, COMPETITIONS)
+        _check_choice("compression", self.compress, COMPRESSIONS)
         _check_choice("brain mode", self.brain_mode, BRAIN_MODES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
@@ -139,6 +151,8 @@ class RunConfig:
         _check_range("bottleneck", self.bottleneck, 1, 4096)
         _check_range("width", self.width, 1, 4096)
         _check_range("depth", self.depth, 0, 8)
+        _check_range("residual blocks", self.residual_blocks, 0, 8)
+        _check_range("goodness layers", self.goodness_layers, 1, 64)
         _check_range("validation size", self.val_size, 0)
         _check_range("train limit", self.train_limit, 0)
         _check_range("test limit", self.test_limit, 0)
@@ -217,6 +231,12 @@ class RunConfig:
 
     def scales(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.arm_scales.split(","))
+
+    def arm_kind(self, arm_id: int) -> str:
+        """Arm type of arm `arm_id`: `arm_type`, resolved per arm when heterogeneous."""
+        if self.arm_type == "heterogeneous":
+            return HETEROGENEOUS_KINDS[arm_id % len(HETEROGENEOUS_KINDS)]
+        return self.arm_type
 
     def arm_resolution(self, arm_id: int, image_size: int) -> int:
         """Input side length of arm `arm_id` (all arms see full size without multiscale)."""

@@ -33,10 +33,24 @@ __all__ = ["OctopusModel", "RunConfig", "load_run", "train"]
 class OctopusModel:
     """All arms and the brain of a run, loaded in this process for inference."""
 
-    def __init__(self, config: RunConfig, arms: list[LocalArm], brain: torch.nn.Module):
+    def __init__(
+        self,
+        config: RunConfig,
+        arms: list[LocalArm],
+        brain: torch.nn.Module,
+        feedback_brain: torch.nn.Module | None = None,
+    ):
+        """`feedback_brain` is the pass-2 brain of a feedback run (config.feedback)."""
+        if config.feedback != (feedback_brain is not None):
+            raise ValueError(
+                f"config.feedback is {config.feedback} but feedback_brain is "
+                f"{'given' if feedback_brain is not None else 'missing'}: a feedback "
+                "run needs its pass-2 brain, and only a feedback run takes one"
+            )
         self.config = config
         self.arms = arms
         self.brain = brain.eval()
+        self.feedback_brain = feedback_brain.eval() if feedback_brain else None
         self.info = DATASET_INFO[config.dataset]
 
     @torch.no_grad()
@@ -62,7 +76,12 @@ class OctopusModel:
     def predict_subsets(
         self, images: np.ndarray, subsets: list, batch_size: int = 500
     ) -> list[torch.Tensor]:
-        """Brain logits for each subset of live arms (None: all), arms run once."""
+        """Brain logits for each subset of live arms (None: all).
+
+        The arms run once, and in a feedback run once more per subset: the pass-1
+        brain's probabilities for an image, which depend on the live arms, scale
+        each arm's last output for that image, and the pass-2 brain classifies them.
+        """
         images = self._check_images(images)
         everyone = list(range(len(self.arms)))
         masks = []
@@ -87,8 +106,30 @@ class OctopusModel:
                 mask = torch.zeros(features.shape[:2], dtype=torch.bool)
                 mask[:, live_ids] = True
                 logits, _ = self.brain(features, arm_logits, mask)
+                if self.feedback_brain is not None:
+                    logits = self._second_pass(x, logits, mask, head_logits)
                 output.append(logits)
         return [torch.cat(output) for output in outputs]
+
+    def _second_pass(
+        self,
+        x: torch.Tensor,
+        logits: torch.Tensor,
+        live: torch.Tensor,
+        head_logits: bool,
+    ) -> torch.Tensor:
+        """Pass-2 brain logits for images `x` from the pass-1 brain's `logits`."""
+        probs = torch.softmax(logits.float(), dim=1)
+        per_arm = [
+            arm.infer_feedback(
+                resize(x, arm.resolution), probs, head_logits=head_logits
+            )
+            for arm in self.arms
+        ]
+        features = torch.stack([f for f, _ in per_arm], 1)
+        arm_logits = torch.stack([lg for _, lg in per_arm], 1)
+        logits, _ = self.feedback_brain(features, arm_logits, live)
+        return logits
 
     def predict(self, images: np.ndarray, live: list[int] | None = None) -> np.ndarray:
         """Predicted class ids (B,) for uint8 images."""
@@ -134,7 +175,11 @@ def load_run(run_dir: str | Path, tag: str = "best") -> OctopusModel:
     payload = load_checkpoint(path, "brain")
     check_same_run(payload, config.to_dict(), str(path))
     load_state(brain, payload["state"]["model"], str(path))
-    return OctopusModel(config, arms, brain)
+    feedback_brain = None
+    if config.feedback:
+        feedback_brain = build_brain(config, info.num_classes)
+        load_state(feedback_brain, payload["state"]["feedback_model"], str(path))
+    return OctopusModel(config, arms, brain, feedback_brain)
 
 
 def train(

@@ -283,7 +283,7 @@ def build_multiscale_net(
     resolutions = [
         config.arm_resolution(arm_id, info.image_size) for arm_id in range(config.arms)
     ]
-    groups = info.num_classes if config.arm_type == "grouped" else 1
+    groups = 1 if config.arm_type == "overlay" else info.num_classes
     branch_widths = [
         block_widths(config.width, config.depth or default_depth(r), groups)
         for r in resolutions

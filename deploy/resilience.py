@@ -33,7 +33,7 @@ from deploy.api import load_run  # noqa: E402
 from deploy.cli import non_negative_int, positive_float, script_parser  # noqa: E402
 from deploy.client import ServiceClient  # noqa: E402
 from deploy.load import load_test_split, run_load  # noqa: E402
-from deploy.serve import Service, read_run_config  # noqa: E402
+from deploy.serve import Service, check_servable, read_run_config  # noqa: E402
 from deploy.training import git_revision  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("INFO")
     try:
         config = read_run_config(args.run_dir)
+        check_servable(config, args.run_dir)
         images, labels = load_test_split(args.run_dir, args.data_dir)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

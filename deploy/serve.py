@@ -45,12 +45,23 @@ def read_run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
+def check_servable(config: RunConfig, run_dir: Path) -> None:
+    """Raise ConfigError for a feedback run, because the service runs one pass."""
+    if config.feedback:
+        raise ConfigError(
+            f"run {run_dir} was trained with --feedback (feedback: true), and the "
+            "service runs one pass, without the second: score it with "
+            f"`python launch.py --eval {run_dir}` or deploy.api.load_run"
+        )
+
+
 class Service:
     """A local Ray cluster serving the `tag` checkpoints of `run_dir` (context manager)."""
 
     def __init__(self, run_dir: str | Path, overrides: dict | None = None, tag="best"):
         self.run_dir = Path(run_dir)
         config = read_run_config(self.run_dir)
+        check_servable(config, self.run_dir)
         self.config = dataclasses.replace(config, **(overrides or {}))
         self.tag = tag
         self.cluster = Cluster(self.config)

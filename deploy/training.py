@@ -4,6 +4,10 @@ Each epoch: every arm trains its local epoch in parallel (no communication), the
 the arms stream their training outputs to the brain, which trains, then the
 validation split is streamed and scored. The epoch with the best validation
 accuracy is kept, and the test split is scored once, at the end, with it.
+
+With feedback, the trained brain's class probabilities for the training images go
+back to the arms through Ray, the arms train their feedback gains on them, and a
+second stream trains the pass-2 brain. Every split is scored through both passes.
 """
 
 from __future__ import annotations
@@ -58,14 +62,22 @@ def _actor_gone(err: Exception) -> bool:
     return isinstance(err, ray.exceptions.ActorDiedError)
 
 
-def local_phase(cluster: Cluster, epoch: int) -> list[dict]:
+def local_phase(cluster: Cluster, epoch: int, feedback=None) -> list[dict]:
     """Train every arm's local epoch; an arm that dies is retried after its restart.
 
     The arms train in separate processes, so a dead arm holds back no other arm: only
     this call waits for the restarted arm to catch up from its last checkpoint.
+    With `feedback` (the brain's probabilities, or a Ray reference to them) the
+    arms train their feedback gains instead.
     """
     arms = cluster.arms
-    refs = {arm.train_epoch.remote(epoch): arm_id for arm_id, arm in enumerate(arms)}
+
+    def submit(arm):
+        if feedback is None:
+            return arm.train_epoch.remote(epoch)
+        return arm.train_feedback.remote(epoch, feedback)
+
+    refs = {submit(arm): arm_id for arm_id, arm in enumerate(arms)}
     results: list[dict] = [{} for _ in arms]
     while refs:
         (ref,), _ = ray.wait(list(refs), num_returns=1)
@@ -76,27 +88,32 @@ def local_phase(cluster: Cluster, epoch: int) -> list[dict]:
             if _actor_gone(err):
                 raise
             log.warning(
-                "arm %d died during its local epoch %d (%s). Ray restarts it from its "
+                "arm %d died during its %s epoch %d (%s). Ray restarts it from its "
                 "last checkpoint and it trains the epoch again, while the other arms "
                 "go on",
                 arm_id,
+                "local" if feedback is None else "feedback",
                 epoch,
                 type(err).__name__,
             )
             _wait_restarted(arms[arm_id], arm_id)
-            refs[arms[arm_id].train_epoch.remote(epoch)] = arm_id
+            refs[submit(arms[arm_id])] = arm_id
     return results
 
 
-def stream_and_gather(cluster: Cluster, split: str, stream_id: str, epoch: int) -> dict:
+def stream_and_gather(
+    cluster: Cluster, split: str, stream_id: str, epoch: int, feedback=None
+) -> dict:
     """Stream `split` from every arm into the brain; return the brain's result.
 
     If an arm dies while streaming, the brain drops the stream and, once Ray has
     restarted the arm, the whole split is streamed again under a new stream id.
+    With `feedback` (the brain's pass-1 probabilities for `split`, or a Ray
+    reference to them) the arms stream pass 2 and the pass-2 brain takes it.
     """
     for attempt in range(cluster.config.actor_restarts + 1):
         attempt_id = stream_id if not attempt else f"{stream_id}:retry{attempt}"
-        result = _stream_once(cluster, split, attempt_id, epoch)
+        result = _stream_once(cluster, split, attempt_id, epoch, feedback)
         if result is not None:
             return result
         time.sleep(RESUBMIT_PAUSE_S)
@@ -106,19 +123,20 @@ def stream_and_gather(cluster: Cluster, split: str, stream_id: str, epoch: int) 
     )
 
 
-def _stream_once(cluster: Cluster, split: str, stream_id: str, epoch: int):
+def _stream_once(cluster: Cluster, split: str, stream_id: str, epoch: int, feedback):
     arm_ids = list(range(len(cluster.arms)))
     expected = -(-cluster.split_sizes[split] // cluster.config.batch_size)
+    feedback_pass = feedback is not None
     if split == "train":
         brain_ref = cluster.brain.train_stream.remote(
-            stream_id, arm_ids, epoch, expected
+            stream_id, arm_ids, epoch, expected, feedback_pass
         )
     else:
         brain_ref = cluster.brain.evaluate_stream.remote(
-            stream_id, split, arm_ids, expected
+            stream_id, split, arm_ids, expected, feedback_pass
         )
     arm_refs = {
-        arm.stream.remote(split, stream_id): arm_id
+        arm.stream.remote(split, stream_id, feedback): arm_id
         for arm_id, arm in enumerate(cluster.arms)
     }
     pending = [brain_ref, *arm_refs]
@@ -180,6 +198,36 @@ def _drain(brain_ref, arm_refs) -> None:
     ray.wait(arm_refs, num_returns=len(arm_refs), timeout=0)
 
 
+def evaluate_split(cluster: Cluster, split: str, stream_id: str, epoch: int) -> dict:
+    """Score `split`; in a feedback run through both passes.
+
+    A feedback run's result is that of the pass-2 brain, with the pass-1 brain's
+    accuracy as `pass1_accuracy`.
+    """
+    first = stream_and_gather(cluster, split, stream_id, epoch)
+    if not cluster.config.feedback:
+        return first
+    probs = ray.put(first.pop("feedback"))
+    second = stream_and_gather(
+        cluster, split, f"{stream_id}:pass2", epoch, feedback=probs
+    )
+    return {**second, "pass1_accuracy": first["accuracy"]}
+
+
+def feedback_phase(cluster: Cluster, epoch: int, brain_metrics: dict) -> dict:
+    """Train the arms' feedback gains, then the pass-2 brain; return their metrics.
+
+    `brain_metrics` is pass 1's training result: its `feedback` probabilities go
+    to the arms through Ray's object store, never over the arms' sockets.
+    """
+    probs = ray.put(brain_metrics.pop("feedback"))
+    arm_metrics = local_phase(cluster, epoch, feedback=probs)
+    second = stream_and_gather(
+        cluster, "train", f"train:{epoch}:pass2", epoch, feedback=probs
+    )
+    return {"arms_feedback": arm_metrics, **second}
+
+
 def save_all(cluster: Cluster, tag: str) -> None:
     ray.get([actor.save.remote(tag) for actor in [*cluster.arms, cluster.brain]])
 
@@ -204,7 +252,9 @@ def run_epochs(cluster: Cluster, metrics_path: Path) -> tuple[dict, list[float]]
         arm_metrics = local_phase(cluster, epoch)
         local_seconds = time.perf_counter() - epoch_start
         brain_metrics = stream_and_gather(cluster, "train", f"train:{epoch}", epoch)
-        val = stream_and_gather(cluster, "val", f"val:{epoch}", epoch)
+        if config.feedback:
+            brain_metrics.update(feedback_phase(cluster, epoch, brain_metrics))
+        val = evaluate_split(cluster, "val", f"val:{epoch}", epoch)
         save_all(cluster, "last")
         improved = val["accuracy"] > best["val_accuracy"]
         if improved:
@@ -222,6 +272,8 @@ def run_epochs(cluster: Cluster, metrics_path: Path) -> tuple[dict, list[float]]
             "local_seconds": local_seconds,
             "epoch_seconds": seconds,
         }
+        if config.feedback:
+            record["val_pass1_accuracy"] = val["pass1_accuracy"]
         append_jsonl(metrics_path, record)
         log.info(
             "epoch %d/%d: validation accuracy %.4f (arms %s)%s, %.1f s (local phase %.1f s)",
@@ -325,7 +377,7 @@ def _train(config: RunConfig, data, run_dir: Path, show_progress: bool) -> dict:
         with board:
             best, epoch_seconds = run_epochs(cluster, metrics_path)
             load_all(cluster, "best")
-            test = stream_and_gather(cluster, "test", "test", best["epoch"])
+            test = evaluate_split(cluster, "test", "test", best["epoch"])
         info_path.unlink(missing_ok=True)
 
     results = {
@@ -341,6 +393,8 @@ def _train(config: RunConfig, data, run_dir: Path, show_progress: bool) -> dict:
         "total_seconds": time.perf_counter() - started,
         "git_revision": config.git_revision,
     }
+    if config.feedback:
+        results["test_pass1_accuracy"] = test["pass1_accuracy"]
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -364,12 +418,15 @@ def evaluate(run_dir: Path, overrides: dict) -> dict:
         cluster.start()
         cluster.create_actors(data, str(run_dir))
         epochs = load_all(cluster, "best")
-        val = stream_and_gather(cluster, "val", "val:eval", epochs[0])
-        test = stream_and_gather(cluster, "test", "test:eval", epochs[0])
-    return {
+        val = evaluate_split(cluster, "val", "val:eval", epochs[0])
+        test = evaluate_split(cluster, "test", "test:eval", epochs[0])
+    results = {
         "epoch": epochs[0],
         "val_accuracy": val["accuracy"],
         "test_accuracy": test["accuracy"],
         "test_arm_accuracy": test["arm_accuracy"],
         "test_samples": test["samples"],
     }
+    if config.feedback:
+        results["test_pass1_accuracy"] = test["pass1_accuracy"]
+    return results
