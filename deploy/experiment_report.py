@@ -109,17 +109,22 @@ def _percent(summary: dict) -> str:
     return f"{summary['mean'] * 100:.1f} ± {summary['std'] * 100:.1f}"
 
 
+def short_revision(revision: str) -> str:
+    """Shorten a commit id to 12 digits, keeping a `-dirty` mark."""
+    return revision[:12] + ("-dirty" if revision.endswith("-dirty") else "")
+
+
 def budget_line(record: dict) -> str:
     budget, hw = record["budget"], record["hardware"]
     # Reused runs may come from an earlier revision than the one that wrote the record.
     run_revisions = sorted(
         {
-            run["git_revision"][:12]
+            short_revision(run["git_revision"])
             for variant in record["variants"]
             for run in variant["runs"]
             if run.get("git_revision")
         }
-        - {record["git_revision"][:12]}
+        - {short_revision(record["git_revision"])}
     )
     trained_at = (
         f" (runs trained at `{'`, `'.join(run_revisions)}`)" if run_revisions else ""
@@ -131,7 +136,7 @@ def budget_line(record: dict) -> str:
         f"of {record.get('dataset', 'cifar10')}, width {budget['width']}; seeds "
         f"{', '.join(map(str, record['seeds']))}. Machine: {hw['cpu_model']}, "
         f"{hw['cores']} cores, {gpu}, torch {hw['torch']}. Revision "
-        f"`{record['git_revision'][:12]}`{trained_at}."
+        f"`{short_revision(record['git_revision'])}`{trained_at}."
     )
 
 
