@@ -187,6 +187,7 @@ def plot(record: dict, path: Path) -> None:
     ]
     positions = np.arange(len(variants))
     width = 0.38
+
     fig, axis = plt.subplots(figsize=(max(7.0, 1.3 * len(variants) + 3), 4.2))
     for offset, (split, name) in zip((-width / 2, width / 2), SPLITS, strict=True):
         summaries = [summarize_variant(v["runs"])[split] for v in variants]
@@ -199,6 +200,7 @@ def plot(record: dict, path: Path) -> None:
             label=name,
         )
     axis.axhline(record["chance"] * 100, color="grey", linestyle="--", label="chance")
+
     axis.set_xticks(positions, labels, rotation=20 if len(variants) > 4 else 0)
     axis.set_ylabel("accuracy (%)")
     seeds = len(record["seeds"])
