@@ -456,7 +456,7 @@ def build_arm(config, arm_id: int, info) -> LocalArm:
         std=info.std,
         feedback=config.feedback,
     )
-    # Conv arms halve between blocks as `compress` says, per channel group.
+    # Conv arms halve between blocks by the `compress` method, per channel group.
     conv = dict(compress=config.compress, groups=groups)
     # Imported here, because these modules import LocalArm from this one and a
     # top-level import would be circular.

@@ -6,7 +6,7 @@ It follows what the best published layer-local results share:
   a cross-entropy over the scaled per-class goodness. Goodness is the group's mean
   activation (mean, not squared), so a unit that is off still gets gradient;
 - each layer's input is normalised per class group (no learned affine), so a layer
-  cannot read the previous layer's answer off its group magnitudes;
+  cannot read the previous layer's class evidence off its group magnitudes;
 - after each downsampling layer come `residual_blocks` same-width layers whose output
   is added to their input (an identity skip, no parameters);
 - every layer's input is detached and every layer has its own optimizer, so each

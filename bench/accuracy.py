@@ -21,7 +21,6 @@ import copy
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from arms.model import LocalArm, build_arm, combine_layers  # noqa: E402
 from common.config import ConfigError, RunConfig  # noqa: E402
 from common.datasets import DatasetError, load_dataset, split_indices  # noqa: E402
 from deploy.cli import positive_float, positive_int  # noqa: E402
+from deploy.experiment_report import hardware as machine_hardware  # noqa: E402
 from launch import build_config, build_parser  # noqa: E402
 
 # The original's best CIFAR-10 figures (single runs, 30 to 100 epochs) and the target.
@@ -77,22 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def hardware(threads: int, device: torch.device) -> dict:
-    """CPU model, core count, torch version and GPU of this machine."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """Describe this machine and this run's threads and device."""
+    machine = machine_hardware()
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        "cpu": machine["cpu_model"],
+        "cores": machine["cores"],
         "threads": threads,
-        "torch": torch.__version__,
+        "torch": machine["torch"],
         "device": str(device),
-        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "gpu": machine["gpu"] if device.type == "cuda" else None,
     }
 
 
